@@ -1,0 +1,29 @@
+"""Test-wide setup: offline hub, quiet progress bars, deterministic small thread pools, and the Triton interpreter
+on machines without CUDA (it must be set before any kernel is decorated, so it happens here, first)."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("ZAYA_PROGRESS", "0")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+try:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+except ImportError:  # pragma: no cover
+    pass
+
+import pytest
+
+
+@pytest.fixture
+def rng_seed():
+    import torch
+
+    torch.manual_seed(0)
+    return 0

@@ -1,0 +1,201 @@
+"""Compressed Convolutional Attention (CCA / CCGQA) as used in ZAYA1 [TR §II-A, App. C; spec §3].
+
+Shape legend: B batch, T new tokens, S keys (cached + new), Hq query heads, Hk KV heads, G = Hq / Hk,
+d head width, C = (Hq + Hk) * d packed q|k channels, R rotary dims (d * partial_rotary_factor).
+
+Notable features:
+- One fused projection GEMM for q0 | k0 | v_cur | v_del (four Linears kept as modules so checkpoint keys match HF).
+- The causal depthwise and head-wise convolutions run on the packed [q0 | k0] channels, padded once by
+  (t0 - 1) + (t1 - 1) zeros (or continued from the decode cache's raw columns), so the intermediate depthwise
+  output at a pad position is its bias, exactly as the released model computes it.
+- qk-mean skips: q += (q0 + k0_rep) / 2 and k += mean over the G query heads of that, per KV group.
+- L2 QK-norm times sqrt(d) with a learned LINEAR per-KV-head key temperature (ZAYA scales by T, not exp(T)).
+- Partial NeoX RoPE on the first R dims of every head.
+- Values: half the value channels see the current token, half the previous token (one-token time delay);
+  the delayed state is W_v2 x_{t-1} (zero before the first token, and zero at pad positions since x is masked).
+- Attention runs in the latent with GQA through SDPA (flash / memory-efficient kernels where available), or through
+  the Triton kernels of `zaya_kernels` when `config.attn_impl == "triton"`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import ZayaCache
+
+__all__ = ["CCAProjection", "QKNorm", "CCAttention", "rope_cos_sin", "apply_partial_rope"]
+
+
+def rope_cos_sin(position_ids: torch.Tensor, rotary_dim: int, theta: float, dtype=torch.float32):
+    """cos/sin [B, T, R] for NeoX-style RoPE (HF layout: the R//2 frequencies repeated twice)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=position_ids.device, dtype=torch.float64) / rotary_dim))
+    freqs = position_ids.to(torch.float64)[..., None] * inv_freq  # [B, T, R/2]; fp64 keeps long positions exact
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first R dims of x [B, T, H, d] with cos/sin [B, T, R] (rotate_half convention); pass the rest."""
+    R = cos.shape[-1]
+    x_rot, x_pass = x[..., :R], x[..., R:]
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    x1, x2 = x_rot[..., : R // 2], x_rot[..., R // 2 :]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return torch.cat([x_rot * c + rotated * s, x_pass], dim=-1)
+
+
+class CCAProjection(nn.Module):
+    """q/k/v for CCA: fused projection, packed causal convs, qk-mean skips and the delayed value path."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        D, d = config.hidden_size, config.head_dim
+        self.layer_idx = layer_idx
+        self.Hq, self.Hk, self.d = config.num_attention_heads, config.num_key_value_heads, d
+        self.G = self.Hq // self.Hk
+        self.q_dim, self.k_dim = self.Hq * d, self.Hk * d
+        self.v_half = self.k_dim // 2
+        self.t0, self.t1 = config.cca_time0, config.cca_time1
+        self.conv_pad = (self.t0 - 1) + (self.t1 - 1)  # total causal left-pad, applied once to the raw input
+        C = self.q_dim + self.k_dim
+        self.q_proj = nn.Linear(D, self.q_dim, bias=False)
+        self.k_proj = nn.Linear(D, self.k_dim, bias=False)
+        self.v_proj_current = nn.Linear(D, self.v_half, bias=False)
+        self.v_proj_delayed = nn.Linear(D, self.v_half, bias=False)
+        self.conv_qk_depthwise = nn.Conv1d(C, C, kernel_size=self.t0, groups=C)
+        self.conv_qk_grouped = nn.Conv1d(C, C, kernel_size=self.t1, groups=self.Hq + self.Hk)
+
+    def fused_weight(self) -> torch.Tensor:
+        # [q_dim + k_dim + 2 * v_half, D]: one GEMM instead of four (autograd splits the gradient back).
+        return torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj_current.weight, self.v_proj_delayed.weight], 0)
+
+    def convolve(self, qk_BCT: torch.Tensor, conv_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal depthwise then head-wise conv over packed [q0|k0] channels. Returns ([B, C, T], new raw state)."""
+        if conv_state is not None:
+            u = torch.cat([conv_state.to(qk_BCT.dtype), qk_BCT], dim=-1)
+        else:
+            u = F.pad(qk_BCT, (self.conv_pad, 0))
+        new_state = u[..., u.shape[-1] - self.conv_pad:] if self.conv_pad > 0 else u[..., :0]
+        u = self.conv_qk_depthwise(u)  # length T + t1 - 1
+        u = self.conv_qk_grouped(u)  # length T
+        return u, new_state
+
+    def forward(self, x_BTD: torch.Tensor, cache: ZayaCache | None = None, cp=None):
+        """cp: an optional context-parallel exchanger (`zaya_lib.train.context_parallel`): this rank holds a chunk of the
+        sequence and receives the previous rank's last raw q|k columns (conv halo) and last delayed value."""
+        B, T, _ = x_BTD.shape
+        proj = F.linear(x_BTD, self.fused_weight())
+        q0, k0, v_cur, v_del = proj.split([self.q_dim, self.k_dim, self.v_half, self.v_half], dim=-1)
+
+        # (1) causal convs on the packed raw q|k, continued from the cache's last raw columns when decoding
+        qk_BCT = torch.cat([q0, k0], dim=-1).transpose(1, 2)
+        if cp is not None:
+            conv_state = cp.exchange_conv(self.layer_idx, qk_BCT[..., qk_BCT.shape[-1] - self.conv_pad:])
+        else:
+            conv_state = cache.get_conv(self.layer_idx) if cache is not None else None
+        qk_conv, new_state = self.convolve(qk_BCT, conv_state)
+        if cache is not None:
+            cache.set_conv(self.layer_idx, new_state)
+        qk_conv = qk_conv.transpose(1, 2)  # [B, T, C]
+
+        # (2) qk-mean skips: each query head averages with its KV head; keys take the group mean of that
+        qh = q0.view(B, T, self.Hk, self.G, self.d)
+        kh = k0.view(B, T, self.Hk, 1, self.d)
+        qm = (qh + kh) * 0.5  # [B, T, Hk, G, d]
+        km = qm.mean(dim=3)  # [B, T, Hk, d]
+        q = qk_conv[..., : self.q_dim].view(B, T, self.Hq, self.d) + qm.reshape(B, T, self.Hq, self.d)
+        k = qk_conv[..., self.q_dim :].view(B, T, self.Hk, self.d) + km
+
+        # (4) values: current half and one-token-delayed half (state W_v2 x_{t-1}; zero before the first token)
+        if cp is not None:
+            prev = cp.exchange_vdel(self.layer_idx, v_del[:, -1])
+        else:
+            prev = cache.get_vdel(self.layer_idx) if cache is not None else None
+        if prev is None:
+            prev = v_del.new_zeros(B, 1, self.v_half)
+        else:
+            prev = prev.to(v_del.dtype)[:, None, :]
+        v_delayed = torch.cat([prev, v_del[:, :-1]], dim=1)
+        if cache is not None:
+            cache.set_vdel(self.layer_idx, v_del[:, -1])
+        v = torch.cat([v_cur, v_delayed], dim=-1).view(B, T, self.Hk, self.d)
+        return q, k, v
+
+
+class QKNorm(nn.Module):
+    """q <- sqrt(d) q/||q||, k <- sqrt(d) k/||k|| * temp[g]: logits bounded by sqrt(d)|temp| [TR App. C]."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.scale = math.sqrt(config.head_dim)
+        self.temp = nn.Parameter(torch.full((config.num_key_value_heads,), float(config.temp_init)))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor):
+        eps = torch.finfo(q.dtype).eps
+        q = F.normalize(q, p=2.0, dim=-1, eps=eps) * self.scale
+        k = F.normalize(k, p=2.0, dim=-1, eps=eps) * (self.scale * self.temp.to(k.dtype))[:, None]
+        return q, k
+
+
+class CCAttention(nn.Module):
+    """The full CCA layer: projection, QK-norm, partial RoPE, latent GQA attention, output projection."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.Hq, self.Hk, self.d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.scaling = config.head_dim ** -0.5
+        self.qkv_proj = CCAProjection(config, layer_idx)
+        self.qk_norm = QKNorm(config)
+        self.o_proj = nn.Linear(self.Hq * self.d, config.hidden_size, bias=False)
+
+    def forward(self, x_BTD, cos, sin, attn_mask=None, cache: ZayaCache | None = None, cp=None):
+        """attn_mask: None (plain causal over the new tokens, no cache) or a bool [B, 1, T, S] (True = attend).
+        cp: context parallelism; K/V are all-gathered in compressed form and the causal mask is offset by cp."""
+        B, T, _ = x_BTD.shape
+        use_triton = self.config.attn_impl == "triton" and cp is None
+        if cp is not None:
+            q, k, v = self.qkv_proj(x_BTD, None, cp)
+            q, k = self.qk_norm(q, k)
+            q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            k, v = cp.gather_kv(self.layer_idx, k, v)  # [B, Hk, S_total, d]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=cp.attn_mask(T, k.shape[2], q.device),
+                                                 scale=self.scaling, enable_gqa=self.Hq != self.Hk)
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, self.Hq * self.d))
+        if use_triton and cache is None:
+            q, k, v = self._triton_qkv(x_BTD, cos, sin)
+        else:
+            q, k, v = self.qkv_proj(x_BTD, cache)
+            q, k = self.qk_norm(q, k)
+            q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, d]
+        if cache is not None:
+            k, v = cache.update_kv(self.layer_idx, k, v)
+        if use_triton and attn_mask is None and cache is None:
+            from zaya_kernels import latent_attention
+
+            out = latent_attention(q, k, v, self.scaling)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and k.shape[2] == T,
+                scale=self.scaling, enable_gqa=self.Hq != self.Hk,
+            )
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.Hq * self.d))
+
+    def _triton_qkv(self, x_BTD, cos, sin):
+        """The fused Triton path: one kernel for convs + qk-mean + QK-norm + temperature + RoPE."""
+        from zaya_kernels import cca_qk_prep
+
+        p = self.qkv_proj
+        proj = F.linear(x_BTD, p.fused_weight())
+        qk, v_cur, v_del = proj.split([p.q_dim + p.k_dim, p.v_half, p.v_half], dim=-1)
+        q, k = cca_qk_prep(qk, p.conv_qk_depthwise.weight, p.conv_qk_depthwise.bias, p.conv_qk_grouped.weight,
+                           p.conv_qk_grouped.bias, self.qk_norm.temp, cos, sin, self.Hq, self.Hk, self.d)
+        v_delayed = F.pad(v_del, (0, 0, 1, 0))[:, :-1]
+        v = torch.cat([v_cur, v_delayed], dim=-1).view(*x_BTD.shape[:2], self.Hk, self.d)
+        return q, k, v

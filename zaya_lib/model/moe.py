@@ -1,0 +1,210 @@
+"""The ZAYA1 router (MLP + Exponential Depth Averaging), aux-loss-free balancing, and SwiGLU experts [TR §II-B; spec §4].
+
+Shape legend: N tokens (B * T flattened), D hidden, R router latent, E experts, K = E + 1 router classes (the last is
+the skip slot), F expert width.
+
+Notable features:
+- Router: r = W_down x + b; EDA r += gamma * r_prev (layers >= 1; the post-EDA r is threaded to the next layer, so it is
+  an exponential average over depth); RMSNorm; GELU MLP 3 layers; softmax over 16 + 1 classes in fp32.
+- Top-1 chosen on probabilities plus balancing biases (the biases change the choice only, never the gate weight),
+  and the gate weight is the chosen probability, NOT renormalised. The skip slot outputs zero ([HF] semantics).
+- Balancing: each training-mode forward accumulates token counts per expert; `BalancingBiasOptimizer` feeds
+  grad(b_e) = load_e - 1/E to its own AdamW [TR eq. 5]: overloaded experts lose bias, idle ones gain it. No aux loss.
+- Experts stored stacked ([E, 2F, D] gate|up and [E, D, F]) and computed on tokens sorted by expert with grouped
+  GEMMs (one GEMM per non-empty expert over its contiguous block; torch's CPU `_grouped_mm` was no faster here and
+  its backward fails on empty groups): never a dense per-expert mask over all tokens. `config.moe_impl == "triton"` routes through `zaya_kernels.moe_experts`.
+- Routing statistics (load per expert, max/mean load, router entropy) are kept for logging.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["RMSNorm", "Router", "Experts", "MoEBlock", "BalancingBiasOptimizer", "experts_forward_eager"]
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / rms(x), computed in fp32 (weight init 1; not the 1 + w variant)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * y.to(dtype)
+
+
+class RouterMLP(nn.Module):
+    def __init__(self, R: int, K: int, eps: float):
+        super().__init__()
+        self.norm = RMSNorm(R, eps)
+        self.fc1 = nn.Linear(R, R, bias=True)
+        self.fc2 = nn.Linear(R, R, bias=True)
+        self.out_proj = nn.Linear(R, K, bias=False)
+
+    def forward(self, r: torch.Tensor) -> torch.Tensor:
+        z = F.gelu(self.fc1(self.norm(r)))  # exact-erf GELU (nn.GELU default)
+        z = F.gelu(self.fc2(z))
+        return self.out_proj(z)
+
+
+class Router(nn.Module):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        D, R, K = config.hidden_size, config.router_hidden_size, config.num_router_classes
+        self.E, self.K = config.num_experts, K
+        self.use_eda = layer_idx != 0  # the first MoE layer has no previous router state
+        self.down_proj = nn.Linear(D, R, bias=True)
+        if self.use_eda:
+            self.router_states_scale = nn.Parameter(torch.ones(R))  # gamma [TR eq. 2], init 1
+        self.router_mlp = RouterMLP(R, K, config.rms_norm_eps)
+        bias = torch.zeros(K)
+        bias[-1] = -1.0  # the skip slot: p <= 1, so with bias -1 it never wins
+        self.register_buffer("balancing_biases", bias)
+        # Statistics since the last balancing step (not saved in checkpoints).
+        self.register_buffer("load_counts", torch.zeros(K), persistent=False)
+        self.register_buffer("prob_sum", torch.zeros(K), persistent=False)
+        self.register_buffer("entropy_sum", torch.zeros(()), persistent=False)
+        self.track_stats = True
+
+    def forward(self, x_ND: torch.Tensor, r_prev: torch.Tensor | None):
+        r = self.down_proj(x_ND)
+        if self.use_eda and r_prev is not None:
+            r = r + r_prev * self.router_states_scale
+        logits = self.router_mlp(r)
+        probs = torch.softmax(logits.float(), dim=-1)  # [N, K] fp32
+        choice = (probs.detach() + self.balancing_biases).argmax(dim=-1)  # [N]
+        gate = probs.gather(1, choice[:, None]).squeeze(1)  # [N], unnormalised
+        if self.training and self.track_stats:
+            with torch.no_grad():
+                self.load_counts += torch.bincount(choice, minlength=self.K).to(self.load_counts.dtype)
+                p = probs.detach()
+                self.prob_sum += p.sum(0)
+                self.entropy_sum += -(p * p.clamp_min(1e-12).log()).sum()
+        return choice, gate, r, logits
+
+    def reset_stats(self) -> None:
+        self.load_counts.zero_()
+        self.prob_sum.zero_()
+        self.entropy_sum.zero_()
+
+    def stats(self) -> dict:
+        n = float(self.load_counts.sum())
+        load = (self.load_counts[: self.E] / max(n, 1.0)).tolist()
+        mean = 1.0 / self.E
+        return {
+            "tokens": n,
+            "load": load,  # fraction of tokens per expert
+            "skip_fraction": float(self.load_counts[-1]) / max(n, 1.0),
+            "max_over_mean": max(load) / mean if n > 0 else 0.0,
+            "active_experts": int(sum(1 for x in load if x > 0)),
+            "router_entropy": float(self.entropy_sum) / max(n, 1.0),  # mean per-token entropy (nats)
+        }
+
+
+def experts_forward_eager(x_ND, choice, gate, gate_up_proj, down_proj, num_experts: int):
+    """y_n = gate_n * W2_e (silu(W1g_e x_n) * W1u_e x_n) for e = choice_n (< E); 0 for the skip slot.
+
+    Tokens are sorted by expert once; each expert's contiguous block goes through a grouped GEMM.
+    """
+    N, D = x_ND.shape
+    E = num_experts
+    order = torch.argsort(choice, stable=True)
+    counts = torch.bincount(choice, minlength=E + 1)
+    n_routed = N - int(counts[E])  # skip-slot tokens sort to the end and are dropped
+    idx = order[:n_routed]
+    xs = x_ND.index_select(0, idx)
+    parts = []
+    start = 0
+    for e, c in enumerate(counts[:E].tolist()):  # one host sync for all experts
+        if c == 0:
+            continue
+        h = F.linear(xs[start:start + c], gate_up_proj[e])  # [c, 2F]
+        g, u = h.chunk(2, dim=-1)
+        parts.append(F.linear(F.silu(g) * u, down_proj[e]))  # [c, D]
+        start += c
+    ys = torch.cat(parts, 0) if parts else xs.new_zeros(0, D)
+    ys = ys * gate.index_select(0, idx).to(ys.dtype)[:, None]
+    out = x_ND.new_zeros(N, D)
+    return out.index_copy(0, idx, ys)
+
+
+class Experts(nn.Module):
+    """16 SwiGLU experts stored stacked: gate_up_proj [E, 2F, D] (gate rows first), down_proj [E, D, F]."""
+
+    def __init__(self, config):
+        super().__init__()
+        E, D, Fw = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        self.E = E
+        self.impl = config.moe_impl
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * Fw, D))
+        self.down_proj = nn.Parameter(torch.empty(E, D, Fw))
+
+    def forward(self, x_ND, choice, gate):
+        if self.impl == "triton":
+            from zaya_kernels import moe_experts
+
+            idx = torch.where(choice < self.E, choice, torch.full_like(choice, -1))
+            return moe_experts(x_ND, idx, gate.to(x_ND.dtype), self.gate_up_proj, self.down_proj)
+        return experts_forward_eager(x_ND, choice, gate, self.gate_up_proj, self.down_proj, self.E)
+
+
+class MoEBlock(nn.Module):
+    """Router + experts; returns (y [B, T, D], router state r [B*T, R] for the next layer's EDA)."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.gate = Router(config, layer_idx)
+        self.experts = Experts(config)
+
+    def forward(self, x_BTD: torch.Tensor, r_prev: torch.Tensor | None):
+        B, T, D = x_BTD.shape
+        x = x_BTD.reshape(B * T, D)
+        choice, gate, r, _ = self.gate(x, r_prev)
+        y = self.experts(x, choice, gate)
+        return y.view(B, T, D), r
+
+
+class BalancingBiasOptimizer:
+    """The aux-loss-free balancing update [TR eq. 5]: grad(b_{l,e}) = load_{l,e} - 1/E, fed to its own AdamW.
+
+    Adam normalises the step, so each update moves a bias by about `lr` towards balance (close to DeepSeek's
+    sign rule). The skip slot's bias is never changed. `state_dict()` makes resumes exact.
+    """
+
+    def __init__(self, routers: list[Router], lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.routers = routers
+        self.lr, self.betas, self.eps = lr, betas, eps
+        self.t = 0
+        self.m = [torch.zeros(r.E) for r in routers]
+        self.v = [torch.zeros(r.E) for r in routers]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        b1, b2 = self.betas
+        self.t += 1
+        for i, r in enumerate(self.routers):
+            counts = r.load_counts[: r.E].detach().float().cpu()
+            total = float(counts.sum())
+            if total == 0:
+                continue
+            g = counts / total - 1.0 / r.E
+            self.m[i].mul_(b1).add_(g, alpha=1 - b1)
+            self.v[i].mul_(b2).addcmul_(g, g, value=1 - b2)
+            m_hat = self.m[i] / (1 - b1 ** self.t)
+            v_hat = self.v[i] / (1 - b2 ** self.t)
+            upd = self.lr * m_hat / (v_hat.sqrt() + self.eps)
+            r.balancing_biases[: r.E] -= upd.to(r.balancing_biases.device)
+
+    def state_dict(self) -> dict:
+        return {"t": self.t, "m": [x.clone() for x in self.m], "v": [x.clone() for x in self.v], "lr": self.lr}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.t = int(sd["t"])
+        self.m = [x.clone() for x in sd["m"]]
+        self.v = [x.clone() for x in sd["v"]]
+        self.lr = float(sd.get("lr", self.lr))

@@ -1,0 +1,1 @@
+"""zaya_lib.pipeline"""
