@@ -1,0 +1,248 @@
+"""Verifiers: extraction, math equivalence (false negatives), reasoning-gym, code, instruction following, registry."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from zaya_lib.rl import verifiers as V
+
+# ---------------------------------------------------------------------------------------------------- extraction
+
+
+@pytest.mark.parametrize("text, want", [
+    ("<think>maybe \\boxed{3}</think>The answer is \\boxed{42}.<|end|>", "42"),
+    ("<think>so \\boxed{3}</think>no box here", None),  # a box inside the thinking block does not count
+    ("no think block, \\boxed{7}", "7"),
+    ("\\boxed{1} then \\boxed{2}", "2"),
+    ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+    ("\\boxed{\\{1, 2\\}}", "\\{1, 2\\}"),
+    ("\\boxed{a} \\boxed{b", "a"),  # last *complete* box
+    ("\\fbox{9}", "9"),
+    ("<answer> cat </answer>", "cat"),
+    ("<answer>1</answer> <answer>2</answer>", "2"),
+    ("\\boxed{5} <answer>6</answer>", "5"),  # boxed wins over the tag
+    ("<think>a</think><think>b</think>\\boxed{x}", "x"),
+    ("", None),
+    ("\\boxed{", None),
+    ("}}}{{{\\boxed}", None),
+])
+def test_extract_answer(text, want):
+    assert V.extract_answer(text) == want
+
+
+def test_completion_forms():
+    chat = [{"role": "assistant", "content": "<think>t</think>\\boxed{4}"}]
+    parts = [{"role": "assistant", "content": [{"type": "text", "text": "\\boxed{5}"}]}]
+    assert V.extract_answer(chat) == "4"
+    assert V.extract_answer(parts) == "5"
+    assert V.extract_answer(None) is None
+    assert V.completion_to_text([{"role": "user", "content": "x"}]) == ""
+
+
+def test_extract_code():
+    text = "<think>```python\nprint(0)\n```</think>Here:\n```python\nprint(1)\n```\nand\n```\nprint(2)\n```"
+    assert V.extract_code(text) == "print(1)\n"  # a tagged python block wins over a bare one
+    assert V.extract_code("```\nprint(3)\n```") == "print(3)\n"
+    assert V.extract_code("no code") is None
+
+
+# Fuzzing: the extractors and the judges never raise on arbitrary text (hypothesis).
+_fuzz_alphabet = st.sampled_from(list("{}\\$<>/ab01 .,=") + ["\\boxed{", "</think>", "<think>", "<answer>",
+                                                                    "</answer>", "<|end|>", "\\frac", "```python\n", "```"])
+_fuzz_text = st.one_of(st.text(max_size=300), st.lists(_fuzz_alphabet, max_size=60).map("".join))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_fuzz_text)
+def test_fuzz_extractors_never_crash(text):
+    for fn in (V.extract_boxed, V.extract_answer_tag, V.extract_answer, V.extract_code, V.final_segment):
+        out = fn(text)
+        assert out is None or isinstance(out, str)
+    ans = V.extract_answer(text)
+    if ans is not None:  # an extracted boxed answer never contains unbalanced braces from outside its box
+        assert ans in text
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_fuzz_text, st.sampled_from(["3", "1/2", "\\frac{1}{2}", "x^2", "abc", ""]))
+def test_fuzz_math_judge_never_crashes(text, gold):
+    assert V.score_math(text, gold) in (0.0, 1.0)
+
+
+def test_pathological_box_nesting_is_fast():
+    text = "\\boxed{" * 5000 + "x"
+    t = time.perf_counter()
+    assert V.extract_answer(text) is None
+    assert time.perf_counter() - t < 1.0  # bounded scan: at most 32 openings tried
+
+
+# ---------------------------------------------------------------------------------------------------- math
+
+
+@pytest.mark.parametrize("pred, gold", [
+    ("0.5", "1/2"), ("0.5", "\\frac{1}{2}"), ("\\frac{1}{2}", "0.5"), ("\\dfrac12", "1/2"), ("1,000", "1000"),
+    ("1000", "1,000"), ("x=3", "3"), ("x = 3", "3"), ("42.0", "42"), ("3.", "3"), ("\\text{5}", "5"),
+    ("\\frac{\\sqrt{2}}{2}", "\\sqrt2/2"), ("2x+1", "1+2x"), ("-3", "-3"), ("$7$", "7"), ("90^\\circ", "90"),
+    ("\\left(1, 2\\right)", "(1,2)"), ("\\pi", "\\pi"), ("10\\%", "10"),
+])
+def test_math_equivalent_forms_are_accepted(pred, gold):
+    assert V.math_equal(pred, gold), (pred, gold)
+    assert V.score_math(f"<think>...</think>So \\boxed{{{pred}}}.<|end|>", gold) == 1.0
+
+
+@pytest.mark.parametrize("pred, gold", [
+    ("0.6", "1/2"), ("2", "1/2"), ("x=4", "3"), ("1001", "1,000"), ("2x+2", "1+2x"), ("-3", "3"), ("abc", "3"),
+    ("", "3"), ("\\frac{1}{3}", "0.5"),
+])
+def test_math_wrong_answers_are_rejected(pred, gold):
+    assert not V.math_equal(pred, gold)
+
+
+def test_math_malformed_and_missing():
+    assert V.score_math("The answer is 3", "3") == 0.0  # no box, no tag: unverifiable by design
+    assert V.score_math("\\boxed{3", "3") == 0.0
+    assert V.score_math("\\boxed{\\frac{1}{}}", "1") == 0.0
+    assert not V.math_equal(None, "3")
+    assert not V.math_equal("3", None)
+
+
+def test_math_judge_respects_time_limit():
+    # a nasty expression for sympy; whatever happens, the judge returns within its limit (+ slack for parsing twice)
+    t = time.perf_counter()
+    V.math_equal("(" * 200 + "x" + ")" * 200 + "^" + "9" * 50, "1", timeout_s=1)
+    assert time.perf_counter() - t < 5.0
+
+
+def test_math_judge_off_main_thread():
+    out = {}
+    th = threading.Thread(target=lambda: out.update(a=V.math_equal("\\frac{2}{4}", "0.5"),
+                                                    b=V.math_equal("2x+1", "1+2x"), c=V.math_equal("7", "8")))
+    th.start()
+    th.join(30)
+    assert out == {"a": True, "b": True, "c": False}
+
+
+def test_math_reward_trl_signature():
+    comps = ["<think>.</think>\\boxed{5}", [{"role": "assistant", "content": "\\boxed{4}"}], "garbage"]
+    assert V.math_reward(["p"] * 3, comps, answer=["5", "5", "5"], completion_ids=None, trainer_state=None) == [1.0, 0.0, 0.0]
+    with pytest.raises(KeyError, match="answer"):
+        V.math_reward(["p"], ["\\boxed{1}"])
+
+
+# ---------------------------------------------------------------------------------------------------- reasoning-gym
+
+
+def test_reasoning_gym_reward_uses_dataset_scorer():
+    import reasoning_gym
+
+    ds = reasoning_gym.create_dataset("spell_backward", size=3, seed=1)
+    e = ds[0]
+    right = f"<think>...</think>\\boxed{{{e['answer']}}}"
+    tagged = f"<answer>{e['answer']}</answer>"
+    wrong = "\\boxed{qqqqqq}"
+    r = V.reasoning_gym_reward([e["question"]] * 4, [right, tagged, wrong, "nothing"], answer=[e["answer"]] * 4,
+                               metadata=[json.dumps(e["metadata"])] * 4)
+    assert r[0] == 1.0 and r[1] == 1.0 and r[2] < 1.0 and r[3] == 0.0
+    with pytest.raises(ValueError):  # unknown dataset name is a configuration error
+        V.score_reasoning_gym(right, {"answer": "x", "metadata": {}}, task="no_such_task")
+
+
+# ---------------------------------------------------------------------------------------------------- code
+
+
+def test_code_reward_fraction():
+    tests = [{"input": "1 2\n", "output": "3\n"}, {"input": "5 5\n", "output": "10"}, {"input": "0 0\n", "output": "0\n"}]
+    good = "Sure:\n```python\na, b = map(int, input().split())\nprint(a + b)\n```"
+    half = "```python\na, b = map(int, input().split())\nprint(a + b if a != 5 else 0)\n```"
+    r = V.code_reward(["p"] * 4, [good, half, "no code", "```python\nraise SystemExit(1)\n```"], tests=[json.dumps(tests)] * 4)
+    assert r[0] == 1.0 and r[1] == pytest.approx(2 / 3) and r[2] == 0.0 and r[3] == 0.0
+    assert V.score_code("while True:\n    pass", tests[:1], timeout_s=0.5) == 0.0
+    with pytest.raises(ValueError, match="input"):
+        V.score_code("print(1)", [{"stdin": "x"}])
+
+
+def test_outputs_match():
+    assert V.outputs_match("1 2 \n3\n\n", "1 2\n3")
+    assert not V.outputs_match("1 2\n3", "1 2\n4")
+
+
+# ---------------------------------------------------------------------------------------------------- instruction following
+
+
+@pytest.mark.parametrize("c, good, bad", [
+    (V.MaxWords(5), "one two three", "one two three four five six"),
+    (V.MinWords(4), "one two three four", "too short"),
+    (V.IncludeWords(("river", "blue")), "The Blue river runs.", "The blue sea."),
+    (V.ForbidWords(("very",)), "It is good.", "It is very good."),
+    (V.JsonOutput(("a", "b")), '{"a": 1, "b": [2]}', '{"a": 1}'),
+    (V.JsonOutput(), '```json\n[1, 2]\n```', "[1, 2"),
+    (V.BulletCount(2), "Intro\n- one\n* two\n", "- one\n- two\n- three"),
+    (V.EndsWith("The end."), "Story. The end.  \n", "The end. Story."),
+    (V.StartsWith("Sure."), "Sure. Here.", "Here. Sure."),
+    (V.AllLowercase(), "all lower here 123", "Not lower"),
+    (V.NoCommas(), "no commas here", "a, b"),
+])
+def test_constraints(c, good, bad):
+    assert c.check(good) and not c.check(bad)
+    assert isinstance(c.description, str) and len(c.description) > 5
+    assert V.constraint_from_dict(json.loads(json.dumps(c.to_dict()))) == c  # round trip through a dataset cell
+
+
+def test_constraints_on_garbage():
+    for kind, cls in V.CONSTRAINT_TYPES.items():
+        c = V._sample_one(kind, __import__("random").Random(0))
+        for text in ("", "\x00{{{", "}" * 1000, "- " * 500):
+            assert c.check(text) in (True, False)
+
+
+def test_sampler_is_seeded_and_consistent():
+    a, b = V.sample_instruction_example(11, k=3), V.sample_instruction_example(11, k=3)
+    assert a == b
+    kinds = set()
+    for seed in range(200):
+        cs = V.constraints_from_json(V.sample_instruction_example(seed, k=3)["constraints"])
+        ks = [c.kind for c in cs]
+        assert len(cs) == 3 and len(set(ks)) == 3
+        assert not {"json", "bullets"} <= set(ks) and not {"max_words", "min_words"} <= set(ks)
+        kinds.update(ks)
+    assert kinds == set(V.CONSTRAINT_TYPES)  # every kind gets sampled
+    with pytest.raises(ValueError):
+        V.sample_constraints(0, k=0)
+    with pytest.raises(ValueError, match="unknown constraint kind"):
+        V.constraint_from_dict({"kind": "rhyme"})
+
+
+def test_instruction_rewards():
+    cons = V.constraints_to_json([V.MaxWords(6), V.AllLowercase(), V.EndsWith("bye")])
+    comps = ["<think>Let Me Think</think>short and sweet bye<|end|>", "<think>x</think>This Is Long And Also Capitalised Bye",
+             "<think>x</think>short but Capital bye"]
+    assert V.instruction_reward(["p"] * 3, comps, constraints=[cons] * 3) == pytest.approx([1.0, 0.0, 2 / 3])
+    assert V.instruction_strict_reward(["p"] * 3, comps, constraints=[cons] * 3) == [1.0, 0.0, 0.0]
+
+
+def test_format_reward():
+    assert V.format_reward(None, ["<think>a</think>\\boxed{1}<|end|>", "\\boxed{1}", "<think>a</think>none",
+                                  "<think>a</think></think>\\boxed{1}"]) == [1.0, 0.0, 0.0, 0.0]
+
+
+# ---------------------------------------------------------------------------------------------------- registry
+
+
+def test_registry():
+    for name, fn in V.REWARD_FUNCTIONS.items():
+        assert V.get_reward(name) is fn and callable(fn)
+    with pytest.raises(KeyError, match="known: .*math"):
+        V.get_reward("nope")
+
+
+def test_gym_reward_stateless():
+    from zaya_lib.rl.gym import get_environment
+
+    p = get_environment("add").generate(3, 1)
+    r = V.gym_reward(["x"] * 2, [f"\\boxed{{{p['answer']}}}", "\\boxed{-1}"], env=["add"] * 2, problem=[json.dumps(p)] * 2)
+    assert r == [1.0, 0.0]

@@ -1,0 +1,647 @@
+"""Answer extraction and verifiable rewards for the RL cascade (math, reasoning-gym, code, instruction following).
+
+Notable features:
+- One extraction rule for the whole project (BRIEF "Answers"): strip special tokens, keep the text after the last
+  `</think>` (the whole text if there is none), take the last `\\boxed{...}` with *balanced* braces (also `\\fbox`),
+  else the last `<answer>...</answer>`. Extractors are pure string scans, bounded in work, and never raise.
+- Math judging: a fast exact/numeric pre-check (normalised strings, integers/decimals/fractions, thousands
+  separators, `x = 3`) settles most cases; the rest goes to `math_verify.parse`/`verify` under a time limit
+  (math-verify's SIGALRM timeout in the main thread; off the main thread signals are unavailable, so we only send
+  short strings to it). Any exception counts as "not equal": a verifier never crashes the trainer.
+- reasoning-gym: the dataset's own `score_answer` (spec section 7) on the extracted answer.
+- Code: the last ```python fenced block runs in `zaya_lib.rl.sandbox` against stdin/stdout tests; reward = fraction
+  passed.
+- Instruction following (behavioural RL, cascade stage 4): small constraint dataclasses with `check(text)` and a
+  `description` used in prompts, serialisable to dicts/JSON for dataset columns, and a seeded sampler of
+  compatible constraint sets.
+- TRL-compatible reward functions `f(prompts, completions, **kwargs) -> list[float]` reading dataset columns
+  (`answer`, `task`, `metadata`, `tests`, `constraints`, `env`, `problem`) from kwargs; completions may be strings
+  or chat message lists. `REWARD_FUNCTIONS` / `get_reward(name)` is the registry the cascade's stage list names.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import threading
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from functools import lru_cache
+from typing import Any, Callable, Sequence
+
+__all__ = [
+    "SPECIAL_TOKENS", "strip_special_tokens", "completion_to_text", "final_segment", "extract_boxed",
+    "extract_answer_tag", "extract_answer", "extract_code", "math_equal", "score_math", "score_reasoning_gym",
+    "score_code", "outputs_match", "Constraint", "MaxWords", "MinWords", "IncludeWords", "ForbidWords", "JsonOutput",
+    "BulletCount", "EndsWith", "StartsWith", "AllLowercase", "NoCommas", "CONSTRAINT_TYPES", "constraint_from_dict",
+    "constraints_from_json", "constraints_to_json", "sample_constraints", "make_instruction_prompt",
+    "sample_instruction_example", "math_reward", "reasoning_gym_reward", "code_reward", "instruction_reward",
+    "instruction_strict_reward", "format_reward", "gym_reward", "REWARD_FUNCTIONS", "get_reward",
+]
+
+SPECIAL_TOKENS = ("<|end|>", "<|system|>", "<|user|>", "<|assistant|>", "<eos>", "<bos>", "<pad>")
+MAX_TEXT_CHARS = 200_000  # completions longer than this are judged on their last MAX_TEXT_CHARS characters
+_MAX_BOX_TRIES = 32  # at most this many `\boxed{` openings are scanned from the end (bounds worst-case work)
+
+
+# ---------------------------------------------------------------------------------------------------- extraction
+def strip_special_tokens(text: str) -> str:
+    for tok in SPECIAL_TOKENS:
+        text = text.replace(tok, "")
+    return text
+
+
+def completion_to_text(completion: Any) -> str:
+    """A TRL completion as plain text: a string, or a chat list whose assistant messages' contents are joined
+    (content may itself be a list of `{"type": "text", "text": ...}` parts)."""
+    if completion is None:
+        return ""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, dict):
+        completion = [completion]
+    parts: list[str] = []
+    try:
+        for msg in completion:
+            if isinstance(msg, str):
+                parts.append(msg)
+                continue
+            if not isinstance(msg, dict) or msg.get("role", "assistant") != "assistant":
+                continue
+            content = msg.get("content", "")
+            if isinstance(content, list):
+                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            parts.append(str(content or ""))
+    except TypeError:
+        return str(completion)
+    return "".join(parts)
+
+
+def final_segment(text: str) -> str:
+    """Special tokens stripped, then the text after the last `</think>` (the whole text if there is none)."""
+    text = strip_special_tokens(text[-MAX_TEXT_CHARS:])
+    i = text.rfind("</think>")
+    return text[i + len("</think>"):] if i >= 0 else text
+
+
+def _balanced_from(text: str, start: int) -> str | None:
+    """Content of the brace group whose `{` is at text[start-1], or None if it never closes."""
+    depth = 1
+    for j in range(start, len(text)):
+        c = text[j]
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start:j]
+    return None
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last complete `\\boxed{...}` / `\\fbox{...}` in `text` (balanced braces), or None."""
+    if not isinstance(text, str):
+        return None
+    opens = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
+    for start in reversed(opens[-_MAX_BOX_TRIES:]):
+        inner = _balanced_from(text, start)
+        if inner is not None:
+            return inner.strip()
+    return None
+
+
+def extract_answer_tag(text: str) -> str | None:
+    """Content of the last `<answer>...</answer>` in `text`, or None."""
+    if not isinstance(text, str):
+        return None
+    end = text.rfind("</answer>")
+    if end < 0:
+        return None
+    start = text.rfind("<answer>", 0, end)
+    return text[start + len("<answer>"):end].strip() if start >= 0 else None
+
+
+def extract_answer(completion: Any) -> str | None:
+    """The project's answer rule: final segment, last balanced `\\boxed{}`, else last `<answer>` tag."""
+    seg = final_segment(completion_to_text(completion))
+    ans = extract_boxed(seg)
+    return ans if ans is not None else extract_answer_tag(seg)
+
+
+def extract_code(completion: Any) -> str | None:
+    """The last fenced ```python (or ```py / bare ```) block in the final segment, or None."""
+    seg = final_segment(completion_to_text(completion))
+    blocks = re.findall(r"```[ \t]*(python3?|py)?[ \t]*\n(.*?)```", seg, flags=re.DOTALL | re.IGNORECASE)
+    if not blocks:
+        return None
+    tagged = [b for lang, b in blocks if lang]
+    return (tagged or [b for _, b in blocks])[-1]
+
+
+# ---------------------------------------------------------------------------------------------------- math
+_LATEX_NOISE = re.compile(r"\\left|\\right|\\!|\\,|\\;|\\:|\\ |\\displaystyle|\$")
+_TEXT_WRAP = re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox)\{([^{}]*)\}")
+_ASSIGN = re.compile(r"^[A-Za-z](?:_\{?\w+\}?)?\s*=\s*(?!.*=)")  # `x = 3`, `a_1 = 3` (single assignment)
+_THOUSANDS = re.compile(r"^[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
+_FRAC = re.compile(r"^([+-]?)\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}$")
+
+
+def _normalise(s: str) -> str:
+    s = _TEXT_WRAP.sub(r"\1", s)
+    s = _LATEX_NOISE.sub("", s).strip()
+    s = s.rstrip(".").strip()
+    s = _ASSIGN.sub("", s)
+    s = re.sub(r"\^\{?\\circ\}?", "", s)
+    s = re.sub(r"\s+", "", s)
+    if _THOUSANDS.match(s):
+        s = s.replace(",", "")
+    return s
+
+
+def _to_number(s: str) -> Fraction | None:
+    """An exact rational for integers, decimals, `a/b` and `\\frac{a}{b}` (after normalisation), else None."""
+    m = _FRAC.match(s)
+    if m:
+        s = f"{m.group(1)}({m.group(2)})/({m.group(3)})"
+    s = s.replace("(", "").replace(")", "") if re.fullmatch(r"[+-]?\(?[\d.]+\)?/\(?[\d.]+\)?", s) else s
+    if len(s) > 60 or not re.fullmatch(r"[+-]?(\d+(\.\d*)?|\.\d+)(/[+-]?(\d+(\.\d*)?|\.\d+))?", s):
+        return None
+    try:
+        num, _, den = s.partition("/")
+        value = Fraction(num) / Fraction(den) if den else Fraction(num)
+        return value
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+@lru_cache(maxsize=4096)
+def _mv_parse(s: str, timeout: int | None):
+    """math_verify.parse of `s` (cached: the gold answer repeats across a group of generations)."""
+    from math_verify import parse
+
+    out = parse(f"${s}$", parsing_timeout=timeout, raise_on_error=False)
+    if not out:
+        out = parse(s, parsing_timeout=timeout, raise_on_error=False)
+    return out
+
+
+def math_equal(pred: str | None, gold: Any, timeout_s: int = 2) -> bool:
+    """Is `pred` (an extracted answer string) mathematically equal to `gold`? Never raises."""
+    if pred is None or gold is None:
+        return False
+    try:
+        gold = str(gold)
+        p, g = _normalise(pred), _normalise(gold)
+        if not p:
+            return False
+        if p == g:
+            return True
+        pn, gn = _to_number(p), _to_number(g)
+        if pn is not None and gn is not None:
+            if pn == gn:
+                return True
+            # math-verify rounds floats (6 digits): only clearly different numbers are settled here
+            if abs(pn - gn) > Fraction(1, 10**4) * max(1, abs(gn)):
+                return False
+        if gn is not None and not re.search(r"[\d\\]", pred):
+            return False  # a number can only equal something with a digit or a LaTeX command (\pi, \infty)
+        in_main = threading.current_thread() is threading.main_thread()
+        if not in_main and (len(pred) > 200 or len(gold) > 200):
+            return False  # no signal-based timeout off the main thread: refuse long inputs instead
+        timeout = max(1, int(math.ceil(timeout_s))) if in_main else None
+        from math_verify import verify
+
+        gp, pp = _mv_parse(gold, timeout), _mv_parse(pred, timeout)
+        if not gp or not pp:
+            return False
+        return bool(verify(gp, pp, timeout_seconds=timeout, raise_on_error=False))
+    except Exception:  # math-verify/sympy raise many kinds (incl. its TimeoutException); a judge must not crash
+        return False
+
+
+def score_math(completion: Any, gold: Any) -> float:
+    return float(math_equal(extract_answer(completion), gold))
+
+
+# ---------------------------------------------------------------------------------------------------- reasoning-gym
+def _as_dict(x: Any) -> dict:
+    if x is None:
+        return {}
+    if isinstance(x, dict):
+        return x
+    if isinstance(x, str):
+        try:
+            out = json.loads(x)
+            return out if isinstance(out, dict) else {}
+        except json.JSONDecodeError:
+            return {}
+    return {}
+
+
+def score_reasoning_gym(completion: Any, entry: dict, task: str | None = None) -> float:
+    """reasoning-gym's own scorer for dataset `task` (or `entry['metadata']['source_dataset']`) on our extracted
+    answer. `entry` is a reasoning-gym entry dict (question/answer/metadata). Errors score 0."""
+    import reasoning_gym
+
+    name = task or _as_dict(entry.get("metadata")).get("source_dataset")
+    if not name:
+        raise KeyError("score_reasoning_gym: no task name (pass `task` or metadata.source_dataset)")
+    fn = reasoning_gym.get_score_answer_fn(name)  # raises for an unknown dataset name: a config error
+    ans = extract_answer(completion)
+    try:
+        return float(fn(ans, entry))
+    except Exception:
+        return 0.0
+
+
+# ---------------------------------------------------------------------------------------------------- code
+def outputs_match(got: str, want: str) -> bool:
+    """Compare program output to the expected output, ignoring trailing whitespace on lines and at the end."""
+    norm = lambda s: "\n".join(line.rstrip() for line in s.replace("\r\n", "\n").strip().split("\n"))  # noqa: E731
+    return norm(got) == norm(want)
+
+
+def _as_tests(tests: Any) -> list[dict]:
+    if isinstance(tests, str):
+        tests = json.loads(tests)
+    if not isinstance(tests, list) or not all(isinstance(t, dict) and "input" in t and "output" in t for t in tests):
+        raise ValueError("code tests must be a list of {'input': str, 'output': str} (or its JSON string)")
+    return tests
+
+
+def score_code(program: str | None, tests: Any, timeout_s: float = 2.0, **sandbox_kw: Any) -> float:
+    """Fraction of stdin/stdout `tests` that `program` passes in the sandbox (0 if there is no program)."""
+    tests = _as_tests(tests)
+    if not program or not tests:
+        return 0.0
+    from zaya_lib.rl.sandbox import run_python
+
+    passed = 0
+    for t in tests:
+        r = run_python(program, stdin=str(t["input"]), timeout_s=timeout_s, **sandbox_kw)
+        passed += r.ok and outputs_match(r.stdout, str(t["output"]))
+    return passed / len(tests)
+
+
+# ---------------------------------------------------------------------------------------------------- instruction following
+_WORD = re.compile(r"[A-Za-z0-9]+(?:'[A-Za-z]+)?")
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text)
+
+
+def _has_word(text: str, word: str) -> bool:
+    return re.search(rf"(?<![A-Za-z0-9]){re.escape(word)}(?![A-Za-z0-9])", text, flags=re.IGNORECASE) is not None
+
+
+class Constraint:
+    """A verifiable format constraint. Subclasses are dataclasses with a class-level `kind`."""
+
+    kind: str = ""
+
+    def check(self, text: str) -> bool:
+        raise NotImplementedError
+
+    @property
+    def description(self) -> str:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class MaxWords(Constraint):
+    n: int
+    kind = "max_words"
+
+    def check(self, text: str) -> bool:
+        return 0 < len(_words(text)) <= self.n
+
+    @property
+    def description(self) -> str:
+        return f"Answer in at most {self.n} words."
+
+
+@dataclass(frozen=True)
+class MinWords(Constraint):
+    n: int
+    kind = "min_words"
+
+    def check(self, text: str) -> bool:
+        return len(_words(text)) >= self.n
+
+    @property
+    def description(self) -> str:
+        return f"Answer in at least {self.n} words."
+
+
+@dataclass(frozen=True)
+class IncludeWords(Constraint):
+    words: tuple[str, ...]
+    kind = "include_words"
+
+    def __post_init__(self):
+        object.__setattr__(self, "words", tuple(self.words))
+
+    def check(self, text: str) -> bool:
+        return all(_has_word(text, w) for w in self.words)
+
+    @property
+    def description(self) -> str:
+        return "Use each of these words: " + ", ".join(f'"{w}"' for w in self.words) + "."
+
+
+@dataclass(frozen=True)
+class ForbidWords(Constraint):
+    words: tuple[str, ...]
+    kind = "forbid_words"
+
+    def __post_init__(self):
+        object.__setattr__(self, "words", tuple(self.words))
+
+    def check(self, text: str) -> bool:
+        return bool(text.strip()) and not any(_has_word(text, w) for w in self.words)
+
+    @property
+    def description(self) -> str:
+        return "Do not use these words: " + ", ".join(f'"{w}"' for w in self.words) + "."
+
+
+@dataclass(frozen=True)
+class JsonOutput(Constraint):
+    keys: tuple[str, ...] = ()
+    kind = "json"
+
+    def __post_init__(self):
+        object.__setattr__(self, "keys", tuple(self.keys))
+
+    def check(self, text: str) -> bool:
+        s = text.strip()
+        m = re.fullmatch(r"```(?:json)?\s*\n(.*?)\n?```", s, flags=re.DOTALL)  # a single fenced block is fine
+        if m:
+            s = m.group(1)
+        try:
+            obj = json.loads(s)
+        except (json.JSONDecodeError, RecursionError, ValueError):
+            return False
+        if self.keys:
+            return isinstance(obj, dict) and all(k in obj for k in self.keys)
+        return True
+
+    @property
+    def description(self) -> str:
+        if self.keys:
+            return "Reply with a JSON object only, with the keys " + ", ".join(f'"{k}"' for k in self.keys) + "."
+        return "Reply with valid JSON only."
+
+
+@dataclass(frozen=True)
+class BulletCount(Constraint):
+    n: int
+    kind = "bullets"
+
+    def check(self, text: str) -> bool:
+        return sum(bool(re.match(r"^\s*[-*•]\s+\S", line)) for line in text.splitlines()) == self.n
+
+    @property
+    def description(self) -> str:
+        return f"Use exactly {self.n} bullet points, each on its own line starting with \"- \"."
+
+
+@dataclass(frozen=True)
+class EndsWith(Constraint):
+    phrase: str
+    kind = "ends_with"
+
+    def check(self, text: str) -> bool:
+        return text.rstrip().endswith(self.phrase)
+
+    @property
+    def description(self) -> str:
+        return f'End your answer with the exact phrase "{self.phrase}".'
+
+
+@dataclass(frozen=True)
+class StartsWith(Constraint):
+    phrase: str
+    kind = "starts_with"
+
+    def check(self, text: str) -> bool:
+        return text.lstrip().startswith(self.phrase)
+
+    @property
+    def description(self) -> str:
+        return f'Start your answer with the exact phrase "{self.phrase}".'
+
+
+@dataclass(frozen=True)
+class AllLowercase(Constraint):
+    kind = "lowercase"
+
+    def check(self, text: str) -> bool:
+        return any(c.isalpha() for c in text) and text == text.lower()
+
+    @property
+    def description(self) -> str:
+        return "Write everything in lowercase letters; no capital letters at all."
+
+
+@dataclass(frozen=True)
+class NoCommas(Constraint):
+    kind = "no_commas"
+
+    def check(self, text: str) -> bool:
+        return bool(text.strip()) and "," not in text
+
+    @property
+    def description(self) -> str:
+        return "Do not use any commas."
+
+
+CONSTRAINT_TYPES: dict[str, type[Constraint]] = {c.kind: c for c in (
+    MaxWords, MinWords, IncludeWords, ForbidWords, JsonOutput, BulletCount, EndsWith, StartsWith, AllLowercase, NoCommas)}
+
+
+def constraint_from_dict(d: dict) -> Constraint:
+    d = dict(d)
+    kind = d.pop("kind", None)
+    if kind not in CONSTRAINT_TYPES:
+        raise ValueError(f"unknown constraint kind {kind!r}; known: {sorted(CONSTRAINT_TYPES)}")
+    return CONSTRAINT_TYPES[kind](**d)
+
+
+def constraints_to_json(cs: Sequence[Constraint]) -> str:
+    return json.dumps([c.to_dict() for c in cs])
+
+
+def constraints_from_json(x: Any) -> list[Constraint]:
+    """Constraints from a dataset cell: a JSON string, a list of dicts, or a list of Constraint objects."""
+    if isinstance(x, str):
+        x = json.loads(x)
+    if isinstance(x, (Constraint, dict)):
+        x = [x]
+    return [c if isinstance(c, Constraint) else constraint_from_dict(c) for c in x]
+
+
+_IF_TASKS = (
+    "Describe your favourite season.", "Explain why the sky looks blue.", "Give advice to someone learning to cook.",
+    "Describe a walk through a forest.", "Explain what a prime number is.", "Write a short note to a new neighbour.",
+    "Summarise the rules of tic-tac-toe.", "Describe how to make a cup of tea.", "Explain why sleep matters.",
+    "Write a short product description for a water bottle.", "Describe the ocean to someone who has never seen it.",
+    "Explain how a bicycle works.",
+)
+_VOCAB = ("river", "bright", "simple", "window", "garden", "quiet", "number", "blue", "friend", "morning", "stone",
+          "light", "music", "green", "paper", "travel")
+_PHRASES = ("That is all.", "Thank you.", "Any questions?", "The end.", "Hope this helps.")
+_KEYS = ("title", "summary", "items", "answer", "reason", "score")
+# Pairs that would contradict or make each other very unlikely
+_CONFLICTS = {("json", "bullets"), ("json", "ends_with"), ("json", "starts_with"), ("json", "no_commas"),
+              ("json", "lowercase"), ("max_words", "min_words"), ("include_words", "forbid_words")}
+
+
+def _sample_one(kind: str, rng: random.Random) -> Constraint:
+    if kind == "max_words":
+        return MaxWords(rng.choice((10, 20, 30, 50)))
+    if kind == "min_words":
+        return MinWords(rng.choice((5, 10, 20)))
+    if kind == "include_words":
+        return IncludeWords(tuple(rng.sample(_VOCAB, rng.randint(1, 2))))
+    if kind == "forbid_words":
+        return ForbidWords(tuple(rng.sample(("the", "and", "very", "is", "a", "it"), rng.randint(1, 2))))
+    if kind == "json":
+        return JsonOutput(tuple(rng.sample(_KEYS, rng.randint(0, 2))))
+    if kind == "bullets":
+        return BulletCount(rng.randint(2, 5))
+    if kind == "ends_with":
+        return EndsWith(rng.choice(_PHRASES))
+    if kind == "starts_with":
+        return StartsWith(rng.choice(("Sure.", "Here it is:", "Answer:", "Okay.")))
+    return CONSTRAINT_TYPES[kind]()
+
+
+def sample_constraints(seed_or_rng: int | random.Random, k: int = 2) -> list[Constraint]:
+    """`k` mutually compatible constraints of distinct kinds, drawn deterministically from the seed."""
+    rng = seed_or_rng if isinstance(seed_or_rng, random.Random) else random.Random(seed_or_rng)
+    if not 1 <= k <= 4:
+        raise ValueError(f"sample_constraints: k must be in 1..4, got {k}")
+    kinds: list[str] = []
+    for kind in rng.sample(sorted(CONSTRAINT_TYPES), len(CONSTRAINT_TYPES)):
+        if all((a, kind) not in _CONFLICTS and (kind, a) not in _CONFLICTS for a in kinds):
+            kinds.append(kind)
+        if len(kinds) == k:
+            break
+    cs = [_sample_one(kind, rng) for kind in kinds]
+    # starts/ends phrases have capitals: keep them compatible with an all-lowercase rule
+    if any(c.kind == "lowercase" for c in cs):
+        cs = [type(c)(c.phrase.lower()) if c.kind in ("ends_with", "starts_with") else c for c in cs]
+    return cs
+
+
+def make_instruction_prompt(task: str, constraints: Sequence[Constraint]) -> str:
+    rules = "\n".join(f"- {c.description}" for c in constraints)
+    return f"{task}\n\nFollow these rules exactly:\n{rules}"
+
+
+def sample_instruction_example(seed: int, k: int = 2) -> dict:
+    """One behavioural-RL row: {'prompt', 'constraints' (JSON string), 'task'}; deterministic in `seed`."""
+    rng = random.Random(seed)
+    task = rng.choice(_IF_TASKS)
+    cs = sample_constraints(rng, k)
+    return {"prompt": make_instruction_prompt(task, cs), "constraints": constraints_to_json(cs), "task": task}
+
+
+# ---------------------------------------------------------------------------------------------------- TRL reward functions
+def _column(kwargs: dict, name: str, fn: str, n: int) -> list:
+    if name not in kwargs or kwargs[name] is None:
+        raise KeyError(f"{fn} needs the dataset column {name!r}; got columns {sorted(k for k in kwargs)}")
+    col = kwargs[name]
+    if isinstance(col, (str, bytes)) or not isinstance(col, Sequence):
+        col = [col] * n
+    if len(col) != n:
+        raise ValueError(f"{fn}: column {name!r} has {len(col)} entries for {n} completions")
+    return list(col)
+
+
+def math_reward(prompts: Sequence, completions: Sequence, **kwargs: Any) -> list[float]:
+    """1.0 if the extracted answer equals column `answer` (math-verify), else 0.0."""
+    golds = _column(kwargs, "answer", "math_reward", len(completions))
+    return [score_math(c, g) for c, g in zip(completions, golds)]
+
+
+def reasoning_gym_reward(prompts: Sequence, completions: Sequence, **kwargs: Any) -> list[float]:
+    """reasoning-gym's scorer; columns `answer`, `metadata` (dict or JSON string) and optionally `task`/`question`."""
+    n = len(completions)
+    golds = _column(kwargs, "answer", "reasoning_gym_reward", n)
+    metas = kwargs.get("metadata") or [None] * n
+    tasks = kwargs.get("task") or [None] * n
+    questions = kwargs.get("question") or [""] * n
+    out = []
+    for c, g, m, t, q in zip(completions, golds, metas, tasks, questions):
+        entry = {"question": q, "answer": g, "metadata": _as_dict(m)}
+        out.append(score_reasoning_gym(c, entry, t))
+    return out
+
+
+def code_reward(prompts: Sequence, completions: Sequence, **kwargs: Any) -> list[float]:
+    """Fraction of column `tests` (list of {input, output} or JSON) passed by the completion's ```python block."""
+    tests = _column(kwargs, "tests", "code_reward", len(completions))
+    return [score_code(extract_code(c), t) for c, t in zip(completions, tests)]
+
+
+def _if_scores(completions: Sequence, kwargs: dict, fn: str) -> list[list[bool]]:
+    cols = _column(kwargs, "constraints", fn, len(completions))
+    out = []
+    for c, cs in zip(completions, cols):
+        text = final_segment(completion_to_text(c)).strip()
+        out.append([con.check(text) for con in constraints_from_json(cs)])
+    return out
+
+
+def instruction_reward(prompts: Sequence, completions: Sequence, **kwargs: Any) -> list[float]:
+    """Fraction of the constraints in column `constraints` that the answer (after `</think>`) satisfies."""
+    return [sum(s) / len(s) if s else 0.0 for s in _if_scores(completions, kwargs, "instruction_reward")]
+
+
+def instruction_strict_reward(prompts: Sequence, completions: Sequence, **kwargs: Any) -> list[float]:
+    """1.0 only if every constraint holds."""
+    return [float(bool(s) and all(s)) for s in _if_scores(completions, kwargs, "instruction_strict_reward")]
+
+
+def format_reward(prompts: Sequence, completions: Sequence, **kwargs: Any) -> list[float]:
+    """1.0 for `<think>...</think>` followed by a final answer in `\\boxed{}` or `<answer>` tags, else 0.0."""
+    out = []
+    for c in completions:
+        text = strip_special_tokens(completion_to_text(c))
+        ok = text.lstrip().startswith("<think>") and text.count("</think>") == 1 and extract_answer(text) is not None
+        out.append(float(ok))
+    return out
+
+
+def gym_reward(prompts: Sequence, completions: Sequence, **kwargs: Any) -> list[float]:
+    """Stateless gym verification: column `env` (environment name) and `problem` (dict or JSON from `Gym`)."""
+    from zaya_lib.rl.gym import get_environment
+
+    n = len(completions)
+    envs = _column(kwargs, "env", "gym_reward", n)
+    problems = _column(kwargs, "problem", "gym_reward", n)
+    return [get_environment(e).verify(_as_dict(p), c)["reward"] for c, e, p in zip(completions, envs, problems)]
+
+
+REWARD_FUNCTIONS: dict[str, Callable[..., list[float]]] = {
+    "math": math_reward,
+    "reasoning_gym": reasoning_gym_reward,
+    "code": code_reward,
+    "instruction": instruction_reward,
+    "instruction_strict": instruction_strict_reward,
+    "format": format_reward,
+    "gym": gym_reward,
+}
+
+
+def get_reward(name: str) -> Callable[..., list[float]]:
+    if name not in REWARD_FUNCTIONS:
+        raise KeyError(f"unknown reward function {name!r}; known: {sorted(REWARD_FUNCTIONS)}")
+    return REWARD_FUNCTIONS[name]
