@@ -1,0 +1,313 @@
+"""Flash-style causal GQA attention in the CCA latent (forward, backward, decode) in Triton.
+
+Notable features:
+- Online softmax (FlashAttention-2 order): a program owns BM query rows of one query head, streams the BN-key blocks
+  of its kv head up to the causal diagonal, and never materialises the T x T score matrix. Scores are kept in base 2
+  (scale * log2 e folded in) so the inner loop uses exp2; the per-row logsumexp is saved for the backward.
+- GQA without repeat_kv: query head h reads kv head h // G through index arithmetic, so K/V are never copied G times.
+  The backward's dK/dV program loops over the G query heads of its kv head and accumulates in registers (no atomics).
+- Inputs may be strided views (e.g. [B, T, H, d] transposed to [B, H, T, d]); only the last dim must be contiguous.
+- Decode (one query token over the compressed cache): one program per (batch, kv head, KV split) carries all G query
+  heads of the group as the rows of one tile (padded to 16 for tl.dot), reads only keys below lengths[b], and the
+  splits are merged in torch by their logsumexps (flash-decoding), so a long cache still fills the GPU.
+Legend: B batch, Hq/Hk query/kv heads, G = Hq/Hk, T time, S cache length, d head_dim.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._utils import INTERPRET, check_tensor, dot_dtype, pow2
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _fwd_kernel(q, k, v, o, lse, sm_scale, T,
+                sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
+                HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                DOT_T: tl.constexpr, PREC: tl.constexpr):
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // HQ, pid_bh % HQ
+    hk = h // G
+    m = pid_m * BM + tl.arange(0, BM)
+    dd = tl.arange(0, D)
+    qs = sm_scale * 1.4426950408889634  # log2(e): scores in base 2
+    q_t = tl.load(q + b * sqb + h * sqh + m[:, None] * sqt + dd[None, :], mask=(m < T)[:, None], other=0.0).to(DOT_T)
+    kb, vb = k + b * skb + hk * skh, v + b * svb + hk * svh
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, D], tl.float32)
+    hi = tl.minimum((pid_m + 1) * BM, T)
+    for start in range(0, hi, BN):
+        n = start + tl.arange(0, BN)
+        k_t = tl.load(kb + n[:, None] * skt + dd[None, :], mask=(n < T)[:, None], other=0.0).to(DOT_T)
+        v_t = tl.load(vb + n[:, None] * svt + dd[None, :], mask=(n < T)[:, None], other=0.0).to(DOT_T)
+        s = tl.dot(q_t, tl.trans(k_t), input_precision=PREC) * qs
+        s = tl.where((m[:, None] >= n[None, :]) & (n < T)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_T), v_t, input_precision=PREC)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    row = (b * HQ + h) * T + m
+    tl.store(o + row[:, None] * D + dd[None, :], acc.to(o.dtype.element_ty), mask=(m < T)[:, None])
+    tl.store(lse + row, m_i + tl.log2(l_i), mask=m < T)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, sm_scale, T,
+                     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
+                     HQ: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
+    """One program: BN keys of kv head hk; loops over the G query heads and the query blocks at or after the keys.
+    do, lse, delta, dk, dv are contiguous ([B, Hq, T, d], [B, Hq, T], [B, Hq, T], [B, Hk, T, d] x2)."""
+    pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, hk = pid_bh // HK, pid_bh % HK
+    n = pid_n * BN + tl.arange(0, BN)
+    dd = tl.arange(0, D)
+    qs = sm_scale * 1.4426950408889634
+    nmask = n < T
+    k_t = tl.load(k + b * skb + hk * skh + n[:, None] * skt + dd[None, :], mask=nmask[:, None], other=0.0).to(DOT_T)
+    v_t = tl.load(v + b * svb + hk * svh + n[:, None] * svt + dd[None, :], mask=nmask[:, None], other=0.0).to(DOT_T)
+    dk_acc = tl.zeros([BN, D], tl.float32)
+    dv_acc = tl.zeros([BN, D], tl.float32)
+    lo = (pid_n * BN // BM) * BM
+    for j in range(G):
+        h = hk * G + j
+        row0 = (b * HQ + h) * T
+        for start in range(lo, T, BM):
+            m = start + tl.arange(0, BM)
+            mmask = m < T
+            q_t = tl.load(q + b * sqb + h * sqh + m[:, None] * sqt + dd[None, :], mask=mmask[:, None], other=0.0).to(DOT_T)
+            do_t = tl.load(do + (row0 + m)[:, None] * D + dd[None, :], mask=mmask[:, None], other=0.0).to(DOT_T)
+            lse_m = tl.load(lse + row0 + m, mask=mmask, other=0.0)
+            dl_m = tl.load(delta + row0 + m, mask=mmask, other=0.0)
+            # s^T [BN, BM]: keys as rows so dV = P^T dO is a plain dot
+            sT = tl.dot(k_t, tl.trans(q_t), input_precision=PREC) * qs
+            keep = (m[None, :] >= n[:, None]) & mmask[None, :] & nmask[:, None]
+            pT = tl.where(keep, tl.exp2(sT - lse_m[None, :]), 0.0)
+            dv_acc += tl.dot(pT.to(DOT_T), do_t, input_precision=PREC)
+            dpT = tl.dot(v_t, tl.trans(do_t), input_precision=PREC)
+            dsT = pT * (dpT - dl_m[None, :])
+            dk_acc += tl.dot(dsT.to(DOT_T), q_t, input_precision=PREC)
+    out = (b * HK + hk) * T + n
+    tl.store(dk + out[:, None] * D + dd[None, :], (dk_acc * sm_scale).to(dk.dtype.element_ty), mask=nmask[:, None])
+    tl.store(dv + out[:, None] * D + dd[None, :], dv_acc.to(dv.dtype.element_ty), mask=nmask[:, None])
+
+
+@triton.jit
+def _bwd_dq_kernel(q, k, v, do, lse, delta, dq, sm_scale, T,
+                   sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
+                   HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                   DOT_T: tl.constexpr, PREC: tl.constexpr):
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // HQ, pid_bh % HQ
+    hk = h // G
+    m = pid_m * BM + tl.arange(0, BM)
+    dd = tl.arange(0, D)
+    mmask = m < T
+    qs = sm_scale * 1.4426950408889634
+    row = (b * HQ + h) * T + m
+    q_t = tl.load(q + b * sqb + h * sqh + m[:, None] * sqt + dd[None, :], mask=mmask[:, None], other=0.0).to(DOT_T)
+    do_t = tl.load(do + row[:, None] * D + dd[None, :], mask=mmask[:, None], other=0.0).to(DOT_T)
+    lse_m = tl.load(lse + row, mask=mmask, other=0.0)
+    dl_m = tl.load(delta + row, mask=mmask, other=0.0)
+    kb, vb = k + b * skb + hk * skh, v + b * svb + hk * svh
+    dq_acc = tl.zeros([BM, D], tl.float32)
+    hi = tl.minimum((pid_m + 1) * BM, T)
+    for start in range(0, hi, BN):
+        n = start + tl.arange(0, BN)
+        k_t = tl.load(kb + n[:, None] * skt + dd[None, :], mask=(n < T)[:, None], other=0.0).to(DOT_T)
+        v_t = tl.load(vb + n[:, None] * svt + dd[None, :], mask=(n < T)[:, None], other=0.0).to(DOT_T)
+        s = tl.dot(q_t, tl.trans(k_t), input_precision=PREC) * qs
+        keep = (m[:, None] >= n[None, :]) & (n < T)[None, :] & mmask[:, None]
+        p = tl.where(keep, tl.exp2(s - lse_m[:, None]), 0.0)
+        dp = tl.dot(do_t, tl.trans(v_t), input_precision=PREC)
+        ds = p * (dp - dl_m[:, None])
+        dq_acc += tl.dot(ds.to(DOT_T), k_t, input_precision=PREC)
+    tl.store(dq + row[:, None] * D + dd[None, :], (dq_acc * sm_scale).to(dq.dtype.element_ty), mask=mmask[:, None])
+
+
+@triton.jit
+def _decode_kernel(q, k, v, lengths, o_part, lse_part, sm_scale, S, SPLIT, NS,
+                   sqb, sqh, skb, skh, skt, svb, svh, svt,
+                   HK: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr,
+                   DOT_T: tl.constexpr, PREC: tl.constexpr):
+    """Rows = the G query heads of kv head hk (padded to BG); keys [split * SPLIT, +SPLIT) below lengths[b].
+    Writes the split's normalised output o_part [B, Hq, NS, d] and logsumexp lse_part [B, Hq, NS] (base 2)."""
+    pid_bh, pid_s = tl.program_id(0), tl.program_id(1)
+    b, hk = pid_bh // HK, pid_bh % HK
+    g = tl.arange(0, BG)
+    dd = tl.arange(0, D)
+    h = hk * G + g
+    gmask = g < G
+    qs = sm_scale * 1.4426950408889634
+    q_t = tl.load(q + b * sqb + h[:, None] * sqh + dd[None, :], mask=gmask[:, None], other=0.0).to(DOT_T)
+    L = tl.minimum(tl.load(lengths + b).to(tl.int32), S)
+    lo = pid_s * SPLIT
+    hi = tl.minimum(lo + SPLIT, L)
+    kb, vb = k + b * skb + hk * skh, v + b * svb + hk * svh
+    m_i = tl.full([BG], float("-inf"), tl.float32)
+    l_i = tl.zeros([BG], tl.float32)
+    acc = tl.zeros([BG, D], tl.float32)
+    for start in range(lo, hi, BN):
+        n = start + tl.arange(0, BN)
+        nm = n < hi
+        k_t = tl.load(kb + n[:, None] * skt + dd[None, :], mask=nm[:, None], other=0.0).to(DOT_T)
+        v_t = tl.load(vb + n[:, None] * svt + dd[None, :], mask=nm[:, None], other=0.0).to(DOT_T)
+        s = tl.dot(q_t, tl.trans(k_t), input_precision=PREC) * qs
+        s = tl.where(nm[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_T), v_t, input_precision=PREC)
+        m_i = m_new
+    # an empty split (lo >= L) keeps l_i = 0: write o = 0 and lse = -inf so it gets zero weight in the merge
+    safe_l = tl.where(l_i > 0, l_i, 1.0)
+    row = (b * HK * G + h) * NS + pid_s
+    tl.store(o_part + row[:, None] * D + dd[None, :], acc / safe_l[:, None], mask=gmask[:, None])
+    tl.store(lse_part + row, tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf")), mask=gmask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# launchers
+
+def _blocks(T: int, d: int):
+    if INTERPRET:  # cost is per program per op: few, big programs
+        b = min(pow2(T), 128)
+        return b, b
+    return (128, 64) if d <= 64 else (64, 64)
+
+
+def _strides(x):
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def attention_fwd(q, k, v, scale):
+    B, Hq, T, d = q.shape
+    Hk = k.shape[1]
+    BM, BN = _blocks(T, d)
+    DOT_T, PREC = dot_dtype(q.dtype)
+    o = torch.empty(B, Hq, T, d, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
+    _fwd_kernel[(triton.cdiv(T, BM), B * Hq)](q, k, v, o, lse, scale, T, *_strides(q), *_strides(k), *_strides(v),
+                                              HQ=Hq, G=Hq // Hk, D=d, BM=BM, BN=BN, DOT_T=DOT_T, PREC=PREC)
+    return o, lse
+
+
+def attention_bwd(do, q, k, v, o, lse, scale):
+    B, Hq, T, d = q.shape
+    Hk = k.shape[1]
+    BM, BN = _blocks(T, d)
+    DOT_T, PREC = dot_dtype(q.dtype)
+    do = do.contiguous()
+    delta = (o.float() * do.float()).sum(-1)  # D_i = rowsum(dO * O), FlashAttention-2 preprocessing
+    dq = torch.empty(B, Hq, T, d, device=q.device, dtype=q.dtype)
+    dk = torch.empty(B, Hk, T, d, device=q.device, dtype=k.dtype)
+    dv = torch.empty(B, Hk, T, d, device=q.device, dtype=v.dtype)
+    st = (*_strides(q), *_strides(k), *_strides(v))
+    _bwd_dkdv_kernel[(triton.cdiv(T, BN), B * Hk)](q, k, v, do, lse, delta, dk, dv, scale, T, *st,
+                                                   HQ=Hq, HK=Hk, G=Hq // Hk, D=d, BM=BM, BN=BN, DOT_T=DOT_T, PREC=PREC)
+    _bwd_dq_kernel[(triton.cdiv(T, BM), B * Hq)](q, k, v, do, lse, delta, dq, scale, T, *st,
+                                                 HQ=Hq, G=Hq // Hk, D=d, BM=BM, BN=BN, DOT_T=DOT_T, PREC=PREC)
+    return dq, dk, dv
+
+
+class LatentAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        o, lse = attention_fwd(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = attention_bwd(do, q, k, v, o, lse, ctx.scale)
+        return dq, dk, dv, None
+
+
+def _check_qkv(fn, q, k, v, same_len=True):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"{fn}: {name} must be a 4-D tensor [B, H, T, d], got shape {getattr(x, 'shape', None)}")
+    B, Hq, T, d = q.shape
+    Hk = k.shape[1]
+    if Hk < 1 or Hq % Hk:
+        raise ValueError(f"{fn}: q has {Hq} heads, not a multiple of k's {Hk} kv heads")
+    if d < 16 or d > 256 or d & (d - 1):
+        raise ValueError(f"{fn}: head_dim={d} must be a power of two in [16, 256]")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"{fn}: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    S = T if same_len else k.shape[2]
+    check_tensor("q", q, (B, Hq, T, d))
+    check_tensor("k", k, (B, Hk, S, d))
+    check_tensor("v", v, (B, Hk, S, d))
+    if B < 1 or T < 1 or S < 1:
+        raise ValueError(f"{fn}: empty batch or time axis (q {list(q.shape)}, k {list(k.shape)})")
+
+
+def _last_contig(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def latent_attention(q, k, v, scale: float | None = None):
+    """Causal softmax attention with GQA, flash-style (no T x T matrix). Differentiable in q, k, v.
+
+    Args:
+        q: [B, Hq, T, d], k: [B, Hk, T, d], v: [B, Hk, T, d]; Hq a multiple of Hk (query head h uses kv head h // (Hq/Hk));
+           fp32/fp16/bf16, head_dim a power of two in [16, 256]. Strided views are fine (last dim contiguous).
+        scale: softmax scale, default 1/sqrt(d).
+    Returns:
+        o [B, Hq, T, d] in q's dtype. Equals SDPA(q, k, v, is_causal=True, enable_gqa=True, scale=scale).
+    """
+    _check_qkv("latent_attention", q, k, v)
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    return LatentAttentionFunction.apply(_last_contig(q), _last_contig(k), _last_contig(v), scale)
+
+
+def latent_attention_decode(q, k_cache, v_cache, lengths, scale: float | None = None):
+    """One query token per sequence against the compressed KV cache (forward only).
+
+    Args:
+        q: [B, Hq, 1, d]; k_cache, v_cache: [B, Hk, S, d] (strided views fine); lengths: [B] integer, the keys at
+           positions < lengths[b] are valid (the new token's own key must already be written); a row with
+           lengths[b] == 0 returns zeros.
+        scale: softmax scale, default 1/sqrt(d).
+    Returns:
+        o [B, Hq, 1, d] in q's dtype.
+    """
+    _check_qkv("latent_attention_decode", q, k_cache, v_cache, same_len=False)
+    B, Hq, T, d = q.shape
+    if T != 1:
+        raise ValueError(f"latent_attention_decode: q must hold one token per sequence, got T={T}")
+    if not isinstance(lengths, torch.Tensor) or lengths.shape != (B,) or lengths.dtype.is_floating_point:
+        raise ValueError(f"latent_attention_decode: lengths must be an integer tensor of shape [{B}]")
+    if lengths.device != q.device:
+        raise ValueError(f"latent_attention_decode: lengths is on {lengths.device}, q on {q.device}")
+    scale = float(d ** -0.5 if scale is None else scale)
+    Hk, S = k_cache.shape[1], k_cache.shape[2]
+    G = Hq // Hk
+    k_cache, v_cache = _last_contig(k_cache), _last_contig(v_cache)
+    q = _last_contig(q)
+    BN = min(pow2(S), 128) if INTERPRET else 64
+    # Enough KV splits to give the GPU ~4 programs per SM-ish; the interpreter prefers one split.
+    SPLIT = triton.cdiv(S, BN) * BN if INTERPRET else max(BN, triton.cdiv(triton.cdiv(S, max(1, 128 // (B * Hk))), BN) * BN)
+    NS = triton.cdiv(S, SPLIT)
+    DOT_T, PREC = dot_dtype(q.dtype)
+    o_part = torch.empty(B, Hq, NS, d, device=q.device, dtype=torch.float32)
+    lse_part = torch.empty(B, Hq, NS, device=q.device, dtype=torch.float32)
+    _decode_kernel[(B * Hk, NS)](q, k_cache, v_cache, lengths, o_part, lse_part, scale, S, SPLIT, NS,
+                                 q.stride(0), q.stride(1), *_strides(k_cache), *_strides(v_cache),
+                                 HK=Hk, G=G, D=d, BG=pow2(G), BN=BN, DOT_T=DOT_T, PREC=PREC)
+    # flash-decoding merge of the splits, base-2 logsumexps; all-empty rows (lengths 0) give 0
+    lse = torch.logsumexp(lse_part * 0.6931471805599453, dim=-1, keepdim=True)            # natural log
+    w = torch.exp(lse_part * 0.6931471805599453 - lse).nan_to_num(0.0)
+    o = (w[..., None] * o_part).sum(2, keepdim=True)
+    return o.to(q.dtype)

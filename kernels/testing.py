@@ -1,0 +1,40 @@
+"""Comparison helpers for the kernel tests and the notebook (fla `assert_close` and mamba's half-precision rule).
+
+- `rel_rmse(ref, out)`: RMSE(out - ref) / RMSE(ref), the fla error ratio; insensitive to the tensor's scale.
+- `assert_close(name, ref, out, ratio, atol)`: passes when the max abs error is <= atol (for references that are ~0,
+  e.g. dq of a single token) or the ratio is <= `ratio`; the failure message gives max/mean abs error and the ratio.
+- `assert_half_close(name, ref32, ref_half, out, atol)`: the kernel's error against the fp32 truth must be at most
+  twice the eager PyTorch half-precision error plus atol (mamba's rule, style.md §5).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def rel_rmse(ref: torch.Tensor, out: torch.Tensor) -> float:
+    ref, out = ref.detach().double(), out.detach().double()
+    return ((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+
+
+def _diff(ref, out):
+    d = (out.detach().double() - ref.detach().double()).abs()
+    return d.max().item() if d.numel() else 0.0, d.mean().item() if d.numel() else 0.0
+
+
+def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, ratio: float, atol: float = 0.0) -> None:
+    assert ref.shape == out.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite values"
+    mx, mean = _diff(ref, out)
+    if mx <= atol:
+        return
+    r = rel_rmse(ref, out)
+    assert r <= ratio, f"{name}: rel-RMSE {r:.3g} > {ratio:g} (max abs err {mx:.3g}, mean {mean:.3g})"
+
+
+def assert_half_close(name: str, ref32: torch.Tensor, ref_half: torch.Tensor, out: torch.Tensor, atol: float) -> None:
+    assert ref32.shape == out.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref32.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite values"
+    err, mean = _diff(ref32, out)
+    err_pt, _ = _diff(ref32, ref_half)
+    assert err <= 2 * err_pt + atol, (f"{name}: max abs err {err:.3g} (mean {mean:.3g}) > 2 x eager half error "
+                                      f"{err_pt:.3g} + atol {atol:.3g}")

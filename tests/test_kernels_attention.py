@@ -1,0 +1,148 @@
+"""Latent causal GQA attention kernels vs SDPA and the explicit-softmax reference: forward, dq/dk/dv, decode, errors.
+
+Runs on a GPU when CUDA is present, else in the Triton CPU interpreter (TRITON_INTERPRET=1 must be set before the
+kernels are decorated, hence before the import below)."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+try:
+    import zaya_kernels  # noqa: F401
+except ModuleNotFoundError:  # a checkout installed before pyproject mapped zaya_kernels -> kernels/
+    import importlib.util, pathlib, sys  # noqa: E401
+    _dir = pathlib.Path(__file__).resolve().parents[1] / "kernels"
+    _spec = importlib.util.spec_from_file_location("zaya_kernels", _dir / "__init__.py", submodule_search_locations=[str(_dir)])
+    sys.modules["zaya_kernels"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules["zaya_kernels"])
+
+from zaya_kernels import cca_qk_prep, cca_qk_prep_ref  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+
+from zaya_kernels import latent_attention, latent_attention_decode, latent_attention_decode_ref, latent_attention_ref  # noqa: E402,E501
+from zaya_kernels.testing import assert_close, assert_half_close  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HALF = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])  # bf16 dots are broken in the interpreter
+# fp32: same math as SDPA up to summation order and exp2 vs exp; measured ~3e-7 rel-RMSE, 1e-4 leaves wide margin.
+# atol 1e-6 covers references that are exactly 0 (dq of a single token: softmax over one key has no q gradient).
+RATIO32, ATOL32 = 1e-4, 1e-6
+
+SHAPES = [  # (B, Hq, Hk, T, d)
+    (2, 4, 2, 63, 32),
+    (1, 2, 1, 200, 16),
+    (1, 4, 1, 1, 32),     # a single token
+    (1, 8, 2, 17, 64),    # the real head ratio G = 4
+    (3, 2, 2, 5, 16),     # G = 1 (plain MHA)
+]
+IDS = ["B{}-Hq{}-Hk{}-T{}-d{}".format(*s) for s in SHAPES]
+
+
+def make_qkv(B, Hq, Hk, T, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # q is built [B, T, H, d] and transposed, as the model does: the kernels must honour strides
+    q = torch.randn(B, T, Hq, d, generator=g).to(DEVICE, dtype).transpose(1, 2)
+    k = torch.randn(B, Hk, T, d, generator=g).to(DEVICE, dtype)
+    v = torch.randn(B, Hk, T, d, generator=g).to(DEVICE, dtype)
+    return q, k, v
+
+
+def run(fn, q, k, v, do):
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    o = fn(q, k, v)
+    (o.float() * do).sum().backward()
+    return o, (q.grad, k.grad, v.grad)
+
+
+def sdpa(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_attention_fp32(shape):
+    q, k, v = make_qkv(*shape, torch.float32)
+    do = torch.randn(q.shape, device=DEVICE)
+    o, grads = run(latent_attention, q, k, v, do)
+    o_ref, grads_ref = run(sdpa, q, k, v, do)
+    o_ex, _ = run(latent_attention_ref, q, k, v, do)
+    assert_close("o vs explicit reference", o_ex, o, RATIO32)
+    assert_close("o", o_ref, o, RATIO32)
+    for name, g, gr in zip(("dq", "dk", "dv"), grads, grads_ref):
+        assert_close(name, gr, g, RATIO32, ATOL32)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=[str(d)[6:] for d in HALF])
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=IDS[:3])
+def test_attention_half(shape, dtype):
+    q, k, v = make_qkv(*shape, dtype)
+    do = torch.randn(q.shape, device=DEVICE)
+    o, grads = run(latent_attention, q, k, v, do)
+    o_h, grads_h = run(latent_attention_ref, q, k, v, do)
+    o32, grads32 = run(latent_attention_ref, q.float(), k.float(), v.float(), do)
+    ulp = torch.finfo(dtype).eps   # atol: a few ulps at the largest magnitude (outputs are rounded to dtype once)
+    assert_half_close("o", o32, o_h.float(), o.float(), 4 * ulp * o32.abs().max().item())
+    for name, g, gh, g32 in zip(("dq", "dk", "dv"), grads, grads_h, grads32):
+        assert_half_close(name, g32, gh.float(), g.float(), 4 * ulp * g32.abs().max().item() + 1e-6)
+
+
+def test_attention_scale_argument():
+    q, k, v = make_qkv(1, 2, 1, 9, 16, torch.float32)
+    assert_close("o", sdpa(q * 1, k * 0.3, v), latent_attention(q, k, v, scale=0.3 / 16 ** 0.5), RATIO32)
+
+
+DECODE = [  # (B, Hq, Hk, S, d, lengths)
+    (3, 8, 2, 70, 32, [70, 1, 33]),
+    (2, 4, 4, 1, 16, [1, 1]),            # cache of one token, G = 1
+    (2, 2, 1, 200, 16, [0, 137]),        # an empty row returns zeros
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32] + HALF, ids=["float32"] + [str(d)[6:] for d in HALF])
+@pytest.mark.parametrize("case", DECODE, ids=["B{}-Hq{}-Hk{}-S{}-d{}-L{}".format(*c[:5], "_".join(map(str, c[5]))) for c in DECODE])
+def test_attention_decode(case, dtype):
+    B, Hq, Hk, S, d, lengths = case
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, 1, Hq, d, generator=g).to(DEVICE, dtype).transpose(1, 2)
+    kc = torch.randn(B, S, Hk, d, generator=g).to(DEVICE, dtype).transpose(1, 2)   # a strided [B, Hk, S, d] cache
+    vc = torch.randn(B, S, Hk, d, generator=g).to(DEVICE, dtype).transpose(1, 2)
+    L = torch.tensor(lengths, device=DEVICE)
+    o = latent_attention_decode(q, kc, vc, L)
+    o32 = latent_attention_decode_ref(q.float(), kc.float(), vc.float(), L)
+    if dtype == torch.float32:
+        assert_close("o", o32, o, RATIO32, ATOL32)
+    else:
+        o_h = latent_attention_decode_ref(q, kc, vc, L)
+        assert_half_close("o", o32, o_h.float(), o.float(), 4 * torch.finfo(dtype).eps * o32.abs().max().item())
+    assert (o[torch.tensor(lengths, device=DEVICE) == 0] == 0).all()
+
+
+def test_decode_matches_last_row_of_full_attention():
+    """The decode kernel on a cache of T keys gives the full causal attention's last row."""
+    q, k, v = make_qkv(2, 4, 2, 40, 32, torch.float32, seed=3)
+    full = latent_attention(q, k, v)
+    L = torch.full((2,), 40, device=DEVICE)
+    assert_close("o", full[:, :, -1:], latent_attention_decode(q[:, :, -1:], k, v, L), RATIO32)
+
+
+def test_attention_rejects_bad_inputs():
+    q, k, v = make_qkv(1, 4, 2, 8, 16, torch.float32)
+    with pytest.raises(ValueError, match="dtype"):
+        latent_attention(q.double(), k.double(), v.double())
+    with pytest.raises(ValueError, match="dtypes differ"):
+        latent_attention(q, k.half(), v)
+    with pytest.raises(ValueError, match="4-D"):
+        latent_attention(q[0], k, v)
+    with pytest.raises(ValueError, match="not a multiple"):
+        latent_attention(q[:, :3], k, v)
+    with pytest.raises(ValueError, match="power of two"):
+        latent_attention(q[..., :12], k[..., :12], v[..., :12])
+    with pytest.raises(ValueError, match=r"v has shape"):
+        latent_attention(q, k, v[:, :, :5])
+    L = torch.full((1,), 8, device=DEVICE)
+    with pytest.raises(ValueError, match="one token"):
+        latent_attention_decode(q, k, v, L)
+    with pytest.raises(ValueError, match="lengths"):
+        latent_attention_decode(q[:, :, :1], k, v, L.float())

@@ -1,0 +1,123 @@
+"""Top-1 MoE expert kernels vs the per-expert loop reference: forward, dx/dgate/dW, skipped tokens, errors.
+
+Runs on a GPU when CUDA is present, else in the Triton CPU interpreter (TRITON_INTERPRET=1 must be set before the
+kernels are decorated, hence before the import below)."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+try:
+    import zaya_kernels  # noqa: F401
+except ModuleNotFoundError:  # a checkout installed before pyproject mapped zaya_kernels -> kernels/
+    import importlib.util, pathlib, sys  # noqa: E401
+    _dir = pathlib.Path(__file__).resolve().parents[1] / "kernels"
+    _spec = importlib.util.spec_from_file_location("zaya_kernels", _dir / "__init__.py", submodule_search_locations=[str(_dir)])
+    sys.modules["zaya_kernels"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules["zaya_kernels"])
+
+from zaya_kernels import cca_qk_prep, cca_qk_prep_ref  # noqa: E402
+
+from zaya_kernels import moe_experts, moe_experts_ref  # noqa: E402
+from zaya_kernels.testing import assert_close, assert_half_close  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HALF = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])  # bf16 dots are broken in the interpreter
+# fp32: identical products summed in another order (fp32 accumulation); measured ~2e-7 rel-RMSE, 1e-4 is generous.
+# atol 1e-6: grads of experts that got no token are exactly 0 in both.
+RATIO32, ATOL32 = 1e-4, 1e-6
+
+CASES = [  # (N, D, F, E, routing)
+    (50, 32, 48, 4, "random"),      # odd F, some skipped tokens (-1)
+    (1, 32, 32, 16, "random"),      # a single token
+    (200, 64, 32, 16, "random"),
+    (63, 48, 40, 8, "one-expert"),  # odd N/D/F; all tokens on one expert, most experts empty
+    (17, 16, 16, 4, "all-skipped"),
+]
+IDS = ["N{}-D{}-F{}-E{}-{}".format(*c) for c in CASES]
+
+
+def make_inputs(N, D, F, E, routing, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if routing == "random":
+        idx = torch.randint(-1, E, (N,), generator=g)
+    elif routing == "one-expert":
+        idx = torch.full((N,), E - 2)
+    else:
+        idx = torch.full((N,), -1)
+    return dict(x=torch.randn(N, D, generator=g).to(DEVICE, dtype), expert_idx=idx.to(DEVICE),
+                gate=torch.rand(N, generator=g).to(DEVICE, dtype),
+                gate_up_proj=(torch.randn(E, 2 * F, D, generator=g) * D ** -0.5).to(DEVICE, dtype),
+                down_proj=(torch.randn(E, D, F, generator=g) * F ** -0.5).to(DEVICE, dtype))
+
+
+DIFF = ("x", "gate", "gate_up_proj", "down_proj")
+
+
+def run(fn, inputs, dy):
+    leaves = {k: (v.detach().clone().requires_grad_() if k in DIFF else v) for k, v in inputs.items()}
+    y = fn(**leaves)
+    if not y.requires_grad:  # the loop reference with every token skipped returns a constant zero tensor
+        return y, {k: torch.zeros_like(leaves[k]) for k in DIFF}
+    (y.float() * dy).sum().backward()
+    return y, {k: leaves[k].grad for k in DIFF}
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_moe_fp32(case):
+    inputs = make_inputs(*case, torch.float32)
+    dy = torch.randn(inputs["x"].shape, device=DEVICE)
+    y, grads = run(moe_experts, inputs, dy)
+    y_ref, grads_ref = run(moe_experts_ref, inputs, dy)
+    assert_close("y", y_ref, y, RATIO32, ATOL32)
+    skipped = inputs["expert_idx"] < 0
+    assert (y[skipped] == 0).all() and (grads["x"][skipped] == 0).all() and (grads["gate"][skipped] == 0).all()
+    for name in DIFF:
+        assert_close(f"d{name}", grads_ref[name], grads[name], RATIO32, ATOL32)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=[str(d)[6:] for d in HALF])
+@pytest.mark.parametrize("case", CASES[:3], ids=IDS[:3])
+def test_moe_half(case, dtype):
+    inputs = make_inputs(*case, dtype)
+    dy = torch.randn(inputs["x"].shape, device=DEVICE)
+    y, grads = run(moe_experts, inputs, dy)
+    y_h, grads_h = run(moe_experts_ref, inputs, dy)
+    in32 = {k: (v.float() if k in DIFF else v) for k, v in inputs.items()}
+    y32, grads32 = run(moe_experts_ref, in32, dy)
+    ulp = torch.finfo(dtype).eps   # atol: a few ulps at the largest magnitude (each output is rounded to dtype once)
+    assert_half_close("y", y32, y_h.float(), y.float(), 4 * ulp * y32.abs().max().item())
+    for name in DIFF:
+        scale = grads32[name].abs().max().item()
+        if name == "gate":  # dgate_n = dy_n . o_n cancels: its rounding error scales with sum |dy_n o_n|, not with |dgate|
+            o32 = moe_experts_ref(**{**in32, "gate": torch.ones_like(in32["gate"])})
+            scale = (dy.abs() * o32.abs()).sum(-1).max().item()
+        assert_half_close(f"d{name}", grads32[name], grads_h[name].float(), grads[name].float(), 4 * ulp * scale + 1e-6)
+
+
+def test_moe_no_grad_path_matches():
+    """Inference (no autograd) takes the path that saves nothing; same numbers."""
+    inputs = make_inputs(40, 32, 32, 4, "random", torch.float32, seed=2)
+    with torch.no_grad():
+        y = moe_experts(**inputs)
+    assert_close("y", moe_experts_ref(**inputs), y, RATIO32, ATOL32)
+
+
+def test_moe_rejects_bad_inputs():
+    inp = make_inputs(8, 16, 16, 4, "random", torch.float32)
+    with pytest.raises(ValueError, match="dtype"):
+        moe_experts(**{**inp, "x": inp["x"].double()})
+    with pytest.raises(ValueError, match=r"x must be \[N, D\]"):
+        moe_experts(**{**inp, "x": inp["x"][None]})
+    with pytest.raises(ValueError, match="down_proj"):
+        moe_experts(**{**inp, "down_proj": inp["down_proj"][:, :, :8]})
+    with pytest.raises(ValueError, match="down_proj has dtype"):
+        moe_experts(**{**inp, "down_proj": inp["down_proj"].half()})
+    with pytest.raises(ValueError, match="expert_idx has dtype"):
+        moe_experts(**{**inp, "expert_idx": inp["expert_idx"].int()})
+    with pytest.raises(ValueError, match="gate has shape"):
+        moe_experts(**{**inp, "gate": inp["gate"][:3]})
+    with pytest.raises(ValueError, match="gate_up_proj"):
+        moe_experts(**{**inp, "gate_up_proj": inp["gate_up_proj"][:, :31]})
