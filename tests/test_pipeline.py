@@ -46,6 +46,7 @@ NOTEBOOKS = {
                 "while hold_file and os.path.exists(hold_file) and time.time() - t0 < 60:\n"
                 "    time.sleep(0.05)  # the kill-and-resume test kills the runner while this cell waits\n"
                 'assert not fail, "asked to fail"\n'
+                'open(os.path.join(run_dir, "beta_done.log"), "a").write("done\\n")  # past the wait\n'
                 'json.dump({"fail": fail}, open(os.path.join(run_dir, "metrics", "02_beta.json"), "w"))\n'),
     "03_gamma": ('run_dir = "outputs/tiny"\ndevice = "auto"\nseed = 0\nsteps = 3\n',
                  "import json, os\n" + _LOG.format(stem="03_gamma") +
@@ -363,6 +364,8 @@ def test_kill_and_resume(tmp_path, nbdir, capsys):
     assert "[01/03] 01_alpha ... skipped (up to date)" in out
     assert "[02/03] 02_beta ... done in" in out and "[03/03] 03_gamma ... done in" in out
     assert _exec_log(run_dir) == ["01_alpha", "02_beta", "02_beta", "03_gamma"]  # 01 was not redone
+    # only the resumed run got past the wait: the orphaned kernel of the killed run really exited
+    assert (run_dir / "beta_done.log").read_text() == "done\n"
     assert sorted(p.name for p in (run_dir / "notebooks").iterdir()) == [f"{s}.ipynb" for s in STEMS]
 
 
