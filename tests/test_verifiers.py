@@ -64,8 +64,8 @@ def test_fuzz_extractors_never_crash(text):
         out = fn(text)
         assert out is None or isinstance(out, str)
     ans = V.extract_answer(text)
-    if ans is not None:  # an extracted boxed answer never contains unbalanced braces from outside its box
-        assert ans in text
+    if ans is not None:  # the answer is a piece of the (special-token-free) text, never something invented
+        assert ans in V.strip_special_tokens(text)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
