@@ -39,7 +39,7 @@ bench-kernels: setup
 	$(TEST_ENV) $(PY) benchmarks/bench_kernels.py
 
 lab: setup
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab --notebook-dir=. notebooks/
 
 clean-outputs:
 	rm -rf outputs/*/ 

@@ -101,13 +101,14 @@ class CCAProjection(nn.Module):
             cache.set_conv(self.layer_idx, new_state)
         qk_conv = qk_conv.transpose(1, 2)  # [B, T, C]
 
-        # (2) qk-mean skips: each query head averages with its KV head; keys take the group mean of that
+        # (2) qk-mean skips: each query head averages with its KV head; keys take the group mean of that.
+        # q and k stay packed as heads [Hq | Hk] of one tensor so norm and RoPE run once over both.
         qh = q0.view(B, T, self.Hk, self.G, self.d)
         kh = k0.view(B, T, self.Hk, 1, self.d)
         qm = (qh + kh) * 0.5  # [B, T, Hk, G, d]
         km = qm.mean(dim=3)  # [B, T, Hk, d]
-        q = qk_conv[..., : self.q_dim].view(B, T, self.Hq, self.d) + qm.reshape(B, T, self.Hq, self.d)
-        k = qk_conv[..., self.q_dim :].view(B, T, self.Hk, self.d) + km
+        skip = torch.cat([qm.reshape(B, T, self.Hq, self.d), km], dim=2)
+        qk = qk_conv.view(B, T, self.Hq + self.Hk, self.d) + skip  # [B, T, Hq + Hk, d]
 
         # (4) values: current half and one-token-delayed half (state W_v2 x_{t-1}; zero before the first token)
         if cp is not None:
@@ -122,7 +123,7 @@ class CCAProjection(nn.Module):
         if cache is not None:
             cache.set_vdel(self.layer_idx, v_del[:, -1])
         v = torch.cat([v_cur, v_delayed], dim=-1).view(B, T, self.Hk, self.d)
-        return q, k, v
+        return qk, v
 
 
 class QKNorm(nn.Module):
@@ -133,11 +134,11 @@ class QKNorm(nn.Module):
         self.scale = math.sqrt(config.head_dim)
         self.temp = nn.Parameter(torch.full((config.num_key_value_heads,), float(config.temp_init)))
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor):
-        eps = torch.finfo(q.dtype).eps
-        q = F.normalize(q, p=2.0, dim=-1, eps=eps) * self.scale
-        k = F.normalize(k, p=2.0, dim=-1, eps=eps) * (self.scale * self.temp.to(k.dtype))[:, None]
-        return q, k
+    def forward(self, qk: torch.Tensor, num_q_heads: int) -> torch.Tensor:
+        """qk [B, T, Hq + Hk, d] packed (queries first) -> normalised and temperature-scaled, same shape."""
+        eps = torch.finfo(qk.dtype).eps
+        head_scale = torch.cat([qk.new_full((num_q_heads,), self.scale), self.scale * self.temp.to(qk.dtype)])
+        return F.normalize(qk, p=2.0, dim=-1, eps=eps) * head_scale[:, None]
 
 
 class CCAttention(nn.Module):
@@ -159,21 +160,16 @@ class CCAttention(nn.Module):
         B, T, _ = x_BTD.shape
         use_triton = self.config.attn_impl == "triton" and cp is None
         if cp is not None:
-            q, k, v = self.qkv_proj(x_BTD, None, cp)
-            q, k = self.qk_norm(q, k)
-            q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            q, k, v = self._qkv(x_BTD, cos, sin, None, cp)
             k, v = cp.gather_kv(self.layer_idx, k, v)  # [B, Hk, S_total, d]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=cp.attn_mask(T, k.shape[2], q.device),
                                                  scale=self.scaling, enable_gqa=self.Hq != self.Hk)
             return self.o_proj(out.transpose(1, 2).reshape(B, T, self.Hq * self.d))
         if use_triton and cache is None:
             q, k, v = self._triton_qkv(x_BTD, cos, sin)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         else:
-            q, k, v = self.qkv_proj(x_BTD, cache)
-            q, k = self.qk_norm(q, k)
-            q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, d]
+            q, k, v = self._qkv(x_BTD, cos, sin, cache, None)
         if cache is not None:
             k, v = cache.update_kv(self.layer_idx, k, v)
         if use_triton and attn_mask is None and cache is None:
@@ -186,6 +182,13 @@ class CCAttention(nn.Module):
                 scale=self.scaling, enable_gqa=self.Hq != self.Hk,
             )
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.Hq * self.d))
+
+    def _qkv(self, x_BTD, cos, sin, cache, cp):
+        """Eager path: q [B, Hq, T, d], k and v [B, Hk, T, d] (post norm, temperature and RoPE)."""
+        qk, v = self.qkv_proj(x_BTD, cache, cp)
+        qk = apply_partial_rope(self.qk_norm(qk, self.Hq), cos, sin).transpose(1, 2)
+        q, k = qk.split([self.Hq, self.Hk], dim=1)
+        return q, k, v.transpose(1, 2)
 
     def _triton_qkv(self, x_BTD, cos, sin):
         """The fused Triton path: one kernel for convs + qk-mean + QK-norm + temperature + RoPE."""

@@ -307,8 +307,9 @@ class ZayaForCausalLM(ZayaPreTrainedModel, GenerationMixin):
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
     """Next-token cross entropy in fp32; labels are shifted here and -100 is ignored (HF convention)."""
     V = logits.shape[-1]
-    logits = logits[:, :-1].reshape(-1, V).float()
-    target = labels[:, 1:].reshape(-1).to(logits.device)
+    # Shift the labels, not the logits: slicing logits[:, :-1] would copy the largest activation of the step.
+    target = F.pad(labels[:, 1:].to(logits.device), (0, 1), value=-100).reshape(-1)
+    logits = logits.reshape(-1, V).float()
     if num_items_in_batch is not None:
         return F.cross_entropy(logits, target, ignore_index=-100, reduction="sum") / num_items_in_batch
     return F.cross_entropy(logits, target, ignore_index=-100)

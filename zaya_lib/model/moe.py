@@ -106,31 +106,85 @@ class Router(nn.Module):
         }
 
 
+class _SortedSwiGLU(torch.autograd.Function):
+    """SwiGLU experts on tokens already sorted by expert: one GEMM pair per non-empty expert block.
+
+    Written as one autograd node so that the backward writes each expert's weight gradient straight into its slice of
+    [E, 2F, D] / [E, D, F]: indexing a stacked parameter per expert (`W[e]`) under autograd would instead materialise
+    and accumulate a full-size zero gradient per expert, which costs more than the GEMMs at small widths.
+    Elementwise work (SiLU, gating) runs once over all tokens, not per expert.
+    """
+
+    @staticmethod
+    def forward(ctx, xs, W1, W2, counts):  # xs [n, D]; W1 [E, 2F, D]; W2 [E, D, F]; counts: list[int] of length E
+        n, D = xs.shape
+        F2 = W1.shape[1]
+        h = xs.new_empty(n, F2)
+        start = 0
+        for e, c in enumerate(counts):
+            if c:
+                torch.mm(xs[start:start + c], W1[e].t(), out=h[start:start + c])
+                start += c
+        g, u = h.chunk(2, dim=-1)
+        a = F.silu(g)
+        z = a * u  # [n, F]
+        ys = xs.new_empty(n, D)
+        start = 0
+        for e, c in enumerate(counts):
+            if c:
+                torch.mm(z[start:start + c], W2[e].t(), out=ys[start:start + c])
+                start += c
+        ctx.save_for_backward(xs, W1, W2, h, z)
+        ctx.counts = counts
+        return ys
+
+    @staticmethod
+    def backward(ctx, gy):
+        xs, W1, W2, h, z = ctx.saved_tensors
+        counts = ctx.counts
+        gy = gy.contiguous()
+        n = xs.shape[0]
+        gz = z.new_empty(z.shape)
+        gW2 = torch.zeros_like(W2) if any(c == 0 for c in counts) else torch.empty_like(W2)
+        start = 0
+        for e, c in enumerate(counts):
+            if c:
+                sl = slice(start, start + c)
+                torch.mm(gy[sl], W2[e], out=gz[sl])  # [c, F]
+                torch.mm(gy[sl].t(), z[sl], out=gW2[e])  # [D, F]
+                start += c
+        g, u = h.chunk(2, dim=-1)
+        sg = torch.sigmoid(g)
+        a = g * sg
+        # d silu(g)/dg = s (1 + g (1 - s))
+        gh = torch.cat([gz * u * (sg * (1 + g * (1 - sg))), gz * a], dim=-1)  # [n, 2F]
+        gW1 = torch.zeros_like(W1) if any(c == 0 for c in counts) else torch.empty_like(W1)
+        gx = xs.new_empty(n, xs.shape[1])
+        start = 0
+        for e, c in enumerate(counts):
+            if c:
+                sl = slice(start, start + c)
+                torch.mm(gh[sl].t(), xs[sl], out=gW1[e])  # [2F, D]
+                torch.mm(gh[sl], W1[e], out=gx[sl])  # [c, D]
+                start += c
+        return gx, gW1, gW2, None
+
+
 def experts_forward_eager(x_ND, choice, gate, gate_up_proj, down_proj, num_experts: int):
     """y_n = gate_n * W2_e (silu(W1g_e x_n) * W1u_e x_n) for e = choice_n (< E); 0 for the skip slot.
 
-    Tokens are sorted by expert once; each expert's contiguous block goes through a grouped GEMM.
+    Tokens are sorted by expert once (stable); each expert's contiguous block goes through its own GEMMs.
     """
     N, D = x_ND.shape
     E = num_experts
     order = torch.argsort(choice, stable=True)
-    counts = torch.bincount(choice, minlength=E + 1)
-    n_routed = N - int(counts[E])  # skip-slot tokens sort to the end and are dropped
+    counts = torch.bincount(choice, minlength=E + 1).tolist()  # one host sync for all experts
+    n_routed = N - counts[E]  # skip-slot tokens sort to the end and are dropped (they output 0)
     idx = order[:n_routed]
     xs = x_ND.index_select(0, idx)
-    parts = []
-    start = 0
-    for e, c in enumerate(counts[:E].tolist()):  # one host sync for all experts
-        if c == 0:
-            continue
-        h = F.linear(xs[start:start + c], gate_up_proj[e])  # [c, 2F]
-        g, u = h.chunk(2, dim=-1)
-        parts.append(F.linear(F.silu(g) * u, down_proj[e]))  # [c, D]
-        start += c
-    ys = torch.cat(parts, 0) if parts else xs.new_zeros(0, D)
+    ys = _SortedSwiGLU.apply(xs, gate_up_proj, down_proj, counts[:E])
     ys = ys * gate.index_select(0, idx).to(ys.dtype)[:, None]
-    out = x_ND.new_zeros(N, D)
-    return out.index_copy(0, idx, ys)
+    return x_ND.new_zeros(N, D).index_copy(0, idx, ys)
 
 
 class Experts(nn.Module):

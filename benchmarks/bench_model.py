@@ -1,0 +1,86 @@
+"""Training-step benchmark: our ZayaForCausalLM against transformers' own ZayaForCausalLM, in one process.
+
+Same config (the model issue's `bench` preset: hidden 256, 4 layers, 8/2 heads of 32, 16 experts of 256, router 64,
+vocab 4096), same weights, batch 8 x 256 tokens, fp32, 2 threads; a step is forward + backward + AdamW update.
+Timings alternate between the two models to share any machine noise; the median step time of each is compared.
+Writes outputs/bench/model.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from zaya_lib.config import get_config  # noqa: E402
+from zaya_lib.model import ZayaForCausalLM  # noqa: E402
+from zaya_lib.model.checkpoint import to_hf_reference  # noqa: E402
+from zaya_lib.utils import atomic_write_json  # noqa: E402
+
+
+def make_step(model, ids):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(out.loss)
+
+    return step
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="outputs/bench/model.json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = get_config("bench")
+    ours = ZayaForCausalLM(cfg).train()
+    ref = to_hf_reference(ours).train()
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
+    with torch.no_grad():
+        diff = (ours.eval()(ids).logits - ref.eval()(ids).logits).abs().max().item()
+    ours.train(), ref.train()
+    steps = {"ours": make_step(ours, ids), "transformers": make_step(ref, ids)}
+    times = {k: [] for k in steps}
+    for i in range(args.warmup + args.steps):
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            if i >= args.warmup:
+                times[name].append(dt)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    tokens = args.batch * args.seq
+    result = {
+        "benchmark": "training step (forward + backward + AdamW), fp32",
+        "config": "bench preset: hidden 256, 4 layers, 8/2 heads of 32, 16 experts of 256, router 64, vocab 4096",
+        "batch": args.batch, "seq": args.seq, "threads": args.threads, "steps_timed": args.steps,
+        "initial_logit_max_abs_diff": diff,
+        "median_step_s": med,
+        "tokens_per_s": {k: tokens / v for k, v in med.items()},
+        "speedup_ours_vs_transformers": med["transformers"] / med["ours"],
+        "target": 1.25,
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__},
+    }
+    atomic_write_json(args.out, result)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
