@@ -38,3 +38,31 @@ def assert_half_close(name: str, ref32: torch.Tensor, ref_half: torch.Tensor, ou
     err_pt, _ = _diff(ref32, ref_half)
     assert err <= 2 * err_pt + atol, (f"{name}: max abs err {err:.3g} (mean {mean:.3g}) > 2 x eager half error "
                                       f"{err_pt:.3g} + atol {atol:.3g}")
+
+
+def compare_to_reference(fn, ref, leaves, extra_args=(), seed: int = 0, names=None) -> dict:
+    """Run `fn` and `ref` on copies of `leaves` (floating ones require grad), backprop the same random cotangents,
+    and return {name: rel-RMSE for each output then each gradient, "kernel_seconds": fwd+bwd wall time of fn}.
+    `names` labels outputs then gradients (default out<i>, grad<j>)."""
+    import time
+
+    probe = ref(*leaves, *extra_args)
+    probe = probe if isinstance(probe, tuple) else (probe,)
+    g = torch.Generator().manual_seed(seed)
+    cot = [torch.randn(p.shape, generator=g).to(p.device, p.dtype) for p in probe]
+
+    def go(f):
+        xs = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in leaves]
+        t0 = time.perf_counter()
+        outs = f(*xs, *extra_args)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        torch.autograd.backward(outs, cot[: len(outs)])
+        return outs, [x.grad for x in xs if x.is_floating_point()], time.perf_counter() - t0
+
+    outs, grads, secs = go(fn)
+    outs_r, grads_r, _ = go(ref)
+    errs = [rel_rmse(r, o) for o, r in zip(outs, outs_r)] + [rel_rmse(r, x) for x, r in zip(grads, grads_r)]
+    names = names or [f"out{i}" for i in range(len(outs))] + [f"grad{j}" for j in range(len(grads))]
+    row = dict(zip(names, errs))
+    row["kernel_seconds"] = round(secs, 2)
+    return row

@@ -105,6 +105,20 @@ def test_moe_no_grad_path_matches():
     assert_close("y", moe_experts_ref(**inputs), y, RATIO32, ATOL32)
 
 
+def test_moe_fp32_weights_with_half_activations():
+    """Autocast-style call: fp16 tokens with fp32 master weights; the weight grads come back in fp32."""
+    inputs = make_inputs(40, 32, 32, 4, "random", torch.float32, seed=3)
+    inputs["x"] = inputs["x"].half()
+    dy = torch.randn(inputs["x"].shape, device=DEVICE)
+    y, grads = run(moe_experts, inputs, dy)
+    y32, grads32 = run(moe_experts_ref, {**inputs, "x": inputs["x"].float()}, dy)
+    assert y.dtype == torch.float16 and grads["down_proj"].dtype == torch.float32
+    # fp16 rounding of x, h and y only: 1e-2 rel-RMSE is ~10x the fp16 unit roundoff times a few roundings
+    assert_close("y", y32, y.float(), 1e-2)
+    for name in DIFF:
+        assert_close(f"d{name}", grads32[name], grads[name].float(), 1e-2)
+
+
 def test_moe_rejects_bad_inputs():
     inp = make_inputs(8, 16, 16, 4, "random", torch.float32)
     with pytest.raises(ValueError, match="dtype"):
@@ -114,7 +128,7 @@ def test_moe_rejects_bad_inputs():
     with pytest.raises(ValueError, match="down_proj"):
         moe_experts(**{**inp, "down_proj": inp["down_proj"][:, :, :8]})
     with pytest.raises(ValueError, match="down_proj has dtype"):
-        moe_experts(**{**inp, "down_proj": inp["down_proj"].half()})
+        moe_experts(**{**inp, "down_proj": inp["down_proj"].double()})
     with pytest.raises(ValueError, match="expert_idx has dtype"):
         moe_experts(**{**inp, "expert_idx": inp["expert_idx"].int()})
     with pytest.raises(ValueError, match="gate has shape"):

@@ -249,7 +249,8 @@ def moe_experts(x, expert_idx, gate, gate_up_proj, down_proj):
         x: [N, D] tokens (fp32/fp16/bf16).
         expert_idx: [N] int64 in [0, E), or -1 for a skipped token (its output is 0 and it gets no gradient).
         gate: [N] float router weight (not renormalised, architecture.md §4).
-        gate_up_proj: [E, 2F, D] (rows: gate proj first F, then up proj F); down_proj: [E, D, F].
+        gate_up_proj: [E, 2F, D] (rows: gate proj first F, then up proj F); down_proj: [E, D, F]. The weights may
+            have another float dtype than x (fp32 masters under autocast); the GEMMs run in x's precision.
     Returns:
         y [N, D] in x's dtype. Differentiable in x, gate, gate_up_proj, down_proj.
     Indices >= E or < -1 are not checked on the device (that would need a host sync); the reference raises for them.
@@ -264,8 +265,9 @@ def moe_experts(x, expert_idx, gate, gate_up_proj, down_proj):
     if N < 1 or D < 1 or E < 1 or F < 1:
         raise ValueError(f"moe_experts: empty dimension (x {list(x.shape)}, gate_up_proj {list(gate_up_proj.shape)})")
     check_tensor("x", x, (N, D))
-    check_tensor("gate_up_proj", gate_up_proj, (E, 2 * F, D), dtype=x.dtype)
-    check_tensor("down_proj", down_proj, (E, D, F), dtype=x.dtype)
+    # weights may be fp32 masters under bf16 autocast: every GEMM operand is cast to x's dot dtype in the kernels
+    check_tensor("gate_up_proj", gate_up_proj, (E, 2 * F, D))
+    check_tensor("down_proj", down_proj, (E, D, F))
     check_tensor("gate", gate, (N,))
     check_tensor("expert_idx", expert_idx, (N,), dtype=torch.int64)
     return MoEExpertsFunction.apply(x.contiguous(), expert_idx.contiguous(), gate.contiguous(),
