@@ -127,6 +127,29 @@ def test_decode_matches_last_row_of_full_attention():
     assert_close("o", full[:, :, -1:], latent_attention_decode(q[:, :, -1:], k, v, L), RATIO32)
 
 
+@pytest.mark.parametrize("starts", [[0, 5], [40, 13], [39, 0]], ids=["pad0_5", "pad40_13", "pad39_0"])
+def test_attention_left_padding_key_start(starts):
+    """key_start masks a left pad: real rows equal the sequence run alone, pad rows are 0, pads get no gradient."""
+    B, Hq, Hk, T, d = 2, 4, 2, 40, 32
+    q, k, v = make_qkv(B, Hq, Hk, T, d, torch.float32, seed=5)
+    ks = torch.tensor(starts, device=DEVICE)
+    do = torch.randn(q.shape, device=DEVICE)
+    o, grads = run(lambda a, b_, c: latent_attention(a, b_, c, key_start=ks), q, k, v, do)
+    o_ref, grads_ref = run(lambda a, b_, c: latent_attention_ref(a, b_, c, key_start=ks), q, k, v, do)
+    assert_close("o", o_ref, o, RATIO32, ATOL32)
+    for name, g, gr in zip(("dq", "dk", "dv"), grads, grads_ref):
+        assert_close(name, gr, g, RATIO32, ATOL32)
+    for b, st in enumerate(starts):
+        assert (o[b, :, :st] == 0).all() and (grads[1][b, :, :st] == 0).all() and (grads[0][b, :, :st] == 0).all()
+        if st < T:
+            alone = latent_attention(q[b:b + 1, :, st:], k[b:b + 1, :, st:], v[b:b + 1, :, st:])
+            assert_close(f"row {b} vs alone", alone, o[b:b + 1, :, st:], RATIO32)
+    L = torch.full((B,), T, device=DEVICE)
+    dec = latent_attention_decode(q[:, :, -1:], k, v, L, key_start=ks)
+    assert_close("decode", latent_attention_decode_ref(q[:, :, -1:], k, v, L, key_start=ks), dec, RATIO32, ATOL32)
+    assert_close("decode vs full", o[:, :, -1:], dec, RATIO32, ATOL32)
+
+
 def test_attention_rejects_bad_inputs():
     q, k, v = make_qkv(1, 4, 2, 8, 16, torch.float32)
     with pytest.raises(ValueError, match="dtype"):
@@ -146,3 +169,5 @@ def test_attention_rejects_bad_inputs():
         latent_attention_decode(q, k, v, L)
     with pytest.raises(ValueError, match="lengths"):
         latent_attention_decode(q[:, :, :1], k, v, L.float())
+    with pytest.raises(ValueError, match="key_start"):
+        latent_attention(q, k, v, key_start=torch.zeros(3, dtype=torch.long, device=DEVICE))

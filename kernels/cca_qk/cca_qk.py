@@ -256,9 +256,13 @@ def _bwd_conv_kernel(qk, dw_w, dw_b, g_w, dy, dqk, d_dw_w, d_dw_b, d_g_w, d_g_b,
 
 def _blocks(T: int, d: int):
     # The interpreter's cost is per program per op, so it gets one big time block; on a GPU 32 rows of a d=128 head
-    # in three fp32 chunks plus the two conv taps fit the register file.
+    # in three fp32 chunks plus the two conv taps; 8 warps spread the [32, 128] tiles and [128, 128] conv weights.
     BT = min(pow2(T + 1), 256) if INTERPRET else (32 if d >= 128 else 64)
     return BT, pow2(d // 4), pow2(d // 2)
+
+
+def _warps(d: int) -> int:
+    return 8 if d >= 128 else 4
 
 
 def cca_qk_fwd(qk, dw_weight, dw_bias, g_weight, g_bias, temp, cos, sin, Hq, Hk, d, conv_state=None):
@@ -270,7 +274,7 @@ def cca_qk_fwd(qk, dw_weight, dw_bias, g_weight, g_bias, temp, cos, sin, Hq, Hk,
     grid = (triton.cdiv(T, BT), B * (Hq + Hk))
     _fwd_kernel[grid](qk, state, dw_weight, dw_bias, g_weight, g_bias, temp, cos, sin, out, T,
                       torch.finfo(qk.dtype).eps, math.sqrt(d), HQ=Hq, HK=Hk, D=d, HAS_STATE=conv_state is not None,
-                      BT=BT, BQ=BQ, BH=BH, DOT_T=DOT_T, PREC=PREC)
+                      BT=BT, BQ=BQ, BH=BH, DOT_T=DOT_T, PREC=PREC, num_warps=_warps(d))
     return out
 
 
@@ -284,14 +288,14 @@ def cca_qk_bwd(dout, qk, dw_weight, dw_bias, g_weight, g_bias, temp, cos, sin, H
     dtemp_part = torch.empty(B, NT, H, device=qk.device, dtype=torch.float32)
     _bwd_dy_kernel[(NT, B * H)](qk, dw_weight, dw_bias, g_weight, g_bias, temp, cos, sin, dout, dy, dtemp_part,
                                 T, NT, torch.finfo(qk.dtype).eps, math.sqrt(d), HQ=Hq, HK=Hk, D=d,
-                                BT=BT, BQ=BQ, BH=BH, DOT_T=DOT_T, PREC=PREC)
+                                BT=BT, BQ=BQ, BH=BH, DOT_T=DOT_T, PREC=PREC, num_warps=_warps(d))
     dqk = torch.empty_like(qk)
     f32 = dict(device=qk.device, dtype=torch.float32)
     d_dw_w, d_dw_b = torch.zeros(C, 1, 2, **f32), torch.zeros(C, **f32)
     d_g_w, d_g_b = torch.zeros(C, d, 2, **f32), torch.zeros(C, **f32)
     _bwd_conv_kernel[(triton.cdiv(T + 1, BT), B * H)](qk, dw_weight, dw_bias, g_weight, dy, dqk, d_dw_w, d_dw_b,
                                                        d_g_w, d_g_b, T, HQ=Hq, HK=Hk, D=d, BT=BT,
-                                                       DOT_T=DOT_T, PREC=PREC)
+                                                       DOT_T=DOT_T, PREC=PREC, num_warps=_warps(d))
     dtemp = dtemp_part.sum((0, 1))[Hq:]
     return dqk, d_dw_w, d_dw_b, d_g_w, d_g_b, dtemp
 

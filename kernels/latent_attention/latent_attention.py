@@ -24,10 +24,20 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _fwd_kernel(q, k, v, o, lse, sm_scale, T,
+def _key_start(key_start, b, HAS_START: tl.constexpr):
+    """First valid key of sequence b (left padding); 0 without key_start."""
+    if HAS_START:
+        st = tl.load(key_start + b).to(tl.int32)
+    else:
+        st = 0
+    return st
+
+
+@triton.jit
+def _fwd_kernel(q, k, v, o, lse, key_start, sm_scale, T,
                 sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
                 HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                DOT_T: tl.constexpr, PREC: tl.constexpr):
+                HAS_START: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // HQ, pid_bh % HQ
     hk = h // G
@@ -39,30 +49,35 @@ def _fwd_kernel(q, k, v, o, lse, sm_scale, T,
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D], tl.float32)
+    st = _key_start(key_start, b, HAS_START)
     hi = tl.minimum((pid_m + 1) * BM, T)
-    for start in range(0, hi, BN):
+    for start in range((st // BN) * BN, hi, BN):
         n = start + tl.arange(0, BN)
         k_t = tl.load(kb + n[:, None] * skt + dd[None, :], mask=(n < T)[:, None], other=0.0).to(DOT_T)
         v_t = tl.load(vb + n[:, None] * svt + dd[None, :], mask=(n < T)[:, None], other=0.0).to(DOT_T)
         s = tl.dot(q_t, tl.trans(k_t), input_precision=PREC) * qs
-        s = tl.where((m[:, None] >= n[None, :]) & (n < T)[None, :], s, float("-inf"))
+        s = tl.where((m[:, None] >= n[None, :]) & ((n < T) & (n >= st))[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with no valid key yet (left pad): p = 0
+        p = tl.exp2(s - m_sub[:, None])
+        alpha = tl.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT_T), v_t, input_precision=PREC)
         m_i = m_new
-    acc = acc / l_i[:, None]
+    # pad query rows (m < key_start) saw no key: output 0 and lse = +inf, so the backward gives them p = 0
+    ok = l_i > 0
+    acc = acc / tl.where(ok, l_i, 1.0)[:, None]
     row = (b * HQ + h) * T + m
     tl.store(o + row[:, None] * D + dd[None, :], acc.to(o.dtype.element_ty), mask=(m < T)[:, None])
-    tl.store(lse + row, m_i + tl.log2(l_i), mask=m < T)
+    tl.store(lse + row, tl.where(ok, m_i + tl.log2(tl.where(ok, l_i, 1.0)), float("inf")), mask=m < T)
 
 
 @triton.jit
-def _bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, sm_scale, T,
+def _bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, key_start, sm_scale, T,
                      sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
                      HQ: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
+                     BM: tl.constexpr, BN: tl.constexpr, HAS_START: tl.constexpr, DOT_T: tl.constexpr,
+                     PREC: tl.constexpr):
     """One program: BN keys of kv head hk; loops over the G query heads and the query blocks at or after the keys.
     do, lse, delta, dk, dv are contiguous ([B, Hq, T, d], [B, Hq, T], [B, Hq, T], [B, Hk, T, d] x2)."""
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
@@ -70,7 +85,7 @@ def _bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, sm_scale, T,
     n = pid_n * BN + tl.arange(0, BN)
     dd = tl.arange(0, D)
     qs = sm_scale * 1.4426950408889634
-    nmask = n < T
+    nmask = (n < T) & (n >= _key_start(key_start, b, HAS_START))   # keys in the left pad get no gradient
     k_t = tl.load(k + b * skb + hk * skh + n[:, None] * skt + dd[None, :], mask=nmask[:, None], other=0.0).to(DOT_T)
     v_t = tl.load(v + b * svb + hk * svh + n[:, None] * svt + dd[None, :], mask=nmask[:, None], other=0.0).to(DOT_T)
     dk_acc = tl.zeros([BN, D], tl.float32)
@@ -95,15 +110,15 @@ def _bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, sm_scale, T,
             dsT = pT * (dpT - dl_m[None, :])
             dk_acc += tl.dot(dsT.to(DOT_T), q_t, input_precision=PREC)
     out = (b * HK + hk) * T + n
-    tl.store(dk + out[:, None] * D + dd[None, :], (dk_acc * sm_scale).to(dk.dtype.element_ty), mask=nmask[:, None])
-    tl.store(dv + out[:, None] * D + dd[None, :], dv_acc.to(dv.dtype.element_ty), mask=nmask[:, None])
+    tl.store(dk + out[:, None] * D + dd[None, :], (dk_acc * sm_scale).to(dk.dtype.element_ty), mask=(n < T)[:, None])
+    tl.store(dv + out[:, None] * D + dd[None, :], dv_acc.to(dv.dtype.element_ty), mask=(n < T)[:, None])
 
 
 @triton.jit
-def _bwd_dq_kernel(q, k, v, do, lse, delta, dq, sm_scale, T,
+def _bwd_dq_kernel(q, k, v, do, lse, delta, dq, key_start, sm_scale, T,
                    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
                    HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                   DOT_T: tl.constexpr, PREC: tl.constexpr):
+                   HAS_START: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // HQ, pid_bh % HQ
     hk = h // G
@@ -118,13 +133,14 @@ def _bwd_dq_kernel(q, k, v, do, lse, delta, dq, sm_scale, T,
     dl_m = tl.load(delta + row, mask=mmask, other=0.0)
     kb, vb = k + b * skb + hk * skh, v + b * svb + hk * svh
     dq_acc = tl.zeros([BM, D], tl.float32)
+    st = _key_start(key_start, b, HAS_START)
     hi = tl.minimum((pid_m + 1) * BM, T)
-    for start in range(0, hi, BN):
+    for start in range((st // BN) * BN, hi, BN):
         n = start + tl.arange(0, BN)
         k_t = tl.load(kb + n[:, None] * skt + dd[None, :], mask=(n < T)[:, None], other=0.0).to(DOT_T)
         v_t = tl.load(vb + n[:, None] * svt + dd[None, :], mask=(n < T)[:, None], other=0.0).to(DOT_T)
         s = tl.dot(q_t, tl.trans(k_t), input_precision=PREC) * qs
-        keep = (m[:, None] >= n[None, :]) & (n < T)[None, :] & mmask[:, None]
+        keep = (m[:, None] >= n[None, :]) & ((n < T) & (n >= st))[None, :] & mmask[:, None]
         p = tl.where(keep, tl.exp2(s - lse_m[:, None]), 0.0)
         dp = tl.dot(do_t, tl.trans(v_t), input_precision=PREC)
         ds = p * (dp - dl_m[:, None])
@@ -133,11 +149,11 @@ def _bwd_dq_kernel(q, k, v, do, lse, delta, dq, sm_scale, T,
 
 
 @triton.jit
-def _decode_kernel(q, k, v, lengths, o_part, lse_part, sm_scale, S, SPLIT, NS,
+def _decode_kernel(q, k, v, lengths, key_start, o_part, lse_part, sm_scale, S, SPLIT, NS,
                    sqb, sqh, skb, skh, skt, svb, svh, svt,
                    HK: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr,
-                   DOT_T: tl.constexpr, PREC: tl.constexpr):
-    """Rows = the G query heads of kv head hk (padded to BG); keys [split * SPLIT, +SPLIT) below lengths[b].
+                   HAS_START: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
+    """Rows = the G query heads of kv head hk (padded to BG); keys [split * SPLIT, +SPLIT) in [key_start[b], lengths[b]).
     Writes the split's normalised output o_part [B, Hq, NS, d] and logsumexp lse_part [B, Hq, NS] (base 2)."""
     pid_bh, pid_s = tl.program_id(0), tl.program_id(1)
     b, hk = pid_bh // HK, pid_bh % HK
@@ -150,13 +166,14 @@ def _decode_kernel(q, k, v, lengths, o_part, lse_part, sm_scale, S, SPLIT, NS,
     L = tl.minimum(tl.load(lengths + b).to(tl.int32), S)
     lo = pid_s * SPLIT
     hi = tl.minimum(lo + SPLIT, L)
+    lo = tl.maximum(lo, _key_start(key_start, b, HAS_START))
     kb, vb = k + b * skb + hk * skh, v + b * svb + hk * svh
     m_i = tl.full([BG], float("-inf"), tl.float32)
     l_i = tl.zeros([BG], tl.float32)
     acc = tl.zeros([BG, D], tl.float32)
     for start in range(lo, hi, BN):
         n = start + tl.arange(0, BN)
-        nm = n < hi
+        nm = (n < hi) & (n >= lo)
         k_t = tl.load(kb + n[:, None] * skt + dd[None, :], mask=nm[:, None], other=0.0).to(DOT_T)
         v_t = tl.load(vb + n[:, None] * svt + dd[None, :], mask=nm[:, None], other=0.0).to(DOT_T)
         s = tl.dot(q_t, tl.trans(k_t), input_precision=PREC) * qs
@@ -188,19 +205,20 @@ def _strides(x):
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def attention_fwd(q, k, v, scale):
+def attention_fwd(q, k, v, scale, key_start=None):
     B, Hq, T, d = q.shape
     Hk = k.shape[1]
     BM, BN = _blocks(T, d)
     DOT_T, PREC = dot_dtype(q.dtype)
     o = torch.empty(B, Hq, T, d, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
-    _fwd_kernel[(triton.cdiv(T, BM), B * Hq)](q, k, v, o, lse, scale, T, *_strides(q), *_strides(k), *_strides(v),
-                                              HQ=Hq, G=Hq // Hk, D=d, BM=BM, BN=BN, DOT_T=DOT_T, PREC=PREC)
+    _fwd_kernel[(triton.cdiv(T, BM), B * Hq)](q, k, v, o, lse, key_start if key_start is not None else lse, scale, T,
+                                              *_strides(q), *_strides(k), *_strides(v), HQ=Hq, G=Hq // Hk, D=d,
+                                              BM=BM, BN=BN, HAS_START=key_start is not None, DOT_T=DOT_T, PREC=PREC)
     return o, lse
 
 
-def attention_bwd(do, q, k, v, o, lse, scale):
+def attention_bwd(do, q, k, v, o, lse, scale, key_start=None):
     B, Hq, T, d = q.shape
     Hk = k.shape[1]
     BM, BN = _blocks(T, d)
@@ -211,26 +229,29 @@ def attention_bwd(do, q, k, v, o, lse, scale):
     dk = torch.empty(B, Hk, T, d, device=q.device, dtype=k.dtype)
     dv = torch.empty(B, Hk, T, d, device=q.device, dtype=v.dtype)
     st = (*_strides(q), *_strides(k), *_strides(v))
-    _bwd_dkdv_kernel[(triton.cdiv(T, BN), B * Hk)](q, k, v, do, lse, delta, dk, dv, scale, T, *st,
-                                                   HQ=Hq, HK=Hk, G=Hq // Hk, D=d, BM=BM, BN=BN, DOT_T=DOT_T, PREC=PREC)
-    _bwd_dq_kernel[(triton.cdiv(T, BM), B * Hq)](q, k, v, do, lse, delta, dq, scale, T, *st,
-                                                 HQ=Hq, G=Hq // Hk, D=d, BM=BM, BN=BN, DOT_T=DOT_T, PREC=PREC)
+    ks, has = (key_start, True) if key_start is not None else (lse, False)
+    _bwd_dkdv_kernel[(triton.cdiv(T, BN), B * Hk)](q, k, v, do, lse, delta, dk, dv, ks, scale, T, *st,
+                                                   HQ=Hq, HK=Hk, G=Hq // Hk, D=d, BM=BM, BN=BN, HAS_START=has,
+                                                   DOT_T=DOT_T, PREC=PREC)
+    _bwd_dq_kernel[(triton.cdiv(T, BM), B * Hq)](q, k, v, do, lse, delta, dq, ks, scale, T, *st,
+                                                 HQ=Hq, G=Hq // Hk, D=d, BM=BM, BN=BN, HAS_START=has,
+                                                 DOT_T=DOT_T, PREC=PREC)
     return dq, dk, dv
 
 
 class LatentAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale):
-        o, lse = attention_fwd(q, k, v, scale)
-        ctx.save_for_backward(q, k, v, o, lse)
+    def forward(ctx, q, k, v, scale, key_start):
+        o, lse = attention_fwd(q, k, v, scale, key_start)
+        ctx.save_for_backward(q, k, v, o, lse, key_start)
         ctx.scale = scale
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = attention_bwd(do, q, k, v, o, lse, ctx.scale)
-        return dq, dk, dv, None
+        q, k, v, o, lse, key_start = ctx.saved_tensors
+        dq, dk, dv = attention_bwd(do, q, k, v, o, lse, ctx.scale, key_start)
+        return dq, dk, dv, None, None
 
 
 def _check_qkv(fn, q, k, v, same_len=True):
@@ -257,22 +278,36 @@ def _last_contig(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def latent_attention(q, k, v, scale: float | None = None):
+def _check_key_start(fn, key_start, B, device):
+    if key_start is None:
+        return None
+    if not isinstance(key_start, torch.Tensor) or key_start.shape != (B,) or key_start.dtype.is_floating_point:
+        raise ValueError(f"{fn}: key_start must be an integer tensor of shape [{B}]")
+    if key_start.device != device:
+        raise ValueError(f"{fn}: key_start is on {key_start.device}, q on {device}")
+    return key_start.contiguous()
+
+
+def latent_attention(q, k, v, scale: float | None = None, key_start=None):
     """Causal softmax attention with GQA, flash-style (no T x T matrix). Differentiable in q, k, v.
 
     Args:
         q: [B, Hq, T, d], k: [B, Hk, T, d], v: [B, Hk, T, d]; Hq a multiple of Hk (query head h uses kv head h // (Hq/Hk));
            fp32/fp16/bf16, head_dim a power of two in [16, 256]. Strided views are fine (last dim contiguous).
         scale: softmax scale, default 1/sqrt(d).
+        key_start: optional [B] integer, the first real position of each left-padded sequence: keys before it are
+           masked, and query rows before it (pads) return 0 with zero gradient.
     Returns:
-        o [B, Hq, T, d] in q's dtype. Equals SDPA(q, k, v, is_causal=True, enable_gqa=True, scale=scale).
+        o [B, Hq, T, d] in q's dtype. Equals SDPA(q, k, v, is_causal=True, enable_gqa=True, scale=scale) when
+        key_start is None.
     """
     _check_qkv("latent_attention", q, k, v)
+    key_start = _check_key_start("latent_attention", key_start, q.shape[0], q.device)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    return LatentAttentionFunction.apply(_last_contig(q), _last_contig(k), _last_contig(v), scale)
+    return LatentAttentionFunction.apply(_last_contig(q), _last_contig(k), _last_contig(v), scale, key_start)
 
 
-def latent_attention_decode(q, k_cache, v_cache, lengths, scale: float | None = None):
+def latent_attention_decode(q, k_cache, v_cache, lengths, scale: float | None = None, key_start=None):
     """One query token per sequence against the compressed KV cache (forward only).
 
     Args:
@@ -280,6 +315,7 @@ def latent_attention_decode(q, k_cache, v_cache, lengths, scale: float | None = 
            positions < lengths[b] are valid (the new token's own key must already be written); a row with
            lengths[b] == 0 returns zeros.
         scale: softmax scale, default 1/sqrt(d).
+        key_start: optional [B] integer; keys before it (a left pad) are masked too.
     Returns:
         o [B, Hq, 1, d] in q's dtype.
     """
@@ -291,6 +327,7 @@ def latent_attention_decode(q, k_cache, v_cache, lengths, scale: float | None = 
         raise ValueError(f"latent_attention_decode: lengths must be an integer tensor of shape [{B}]")
     if lengths.device != q.device:
         raise ValueError(f"latent_attention_decode: lengths is on {lengths.device}, q on {q.device}")
+    key_start = _check_key_start("latent_attention_decode", key_start, B, q.device)
     scale = float(d ** -0.5 if scale is None else scale)
     Hk, S = k_cache.shape[1], k_cache.shape[2]
     G = Hq // Hk
@@ -303,9 +340,10 @@ def latent_attention_decode(q, k_cache, v_cache, lengths, scale: float | None = 
     DOT_T, PREC = dot_dtype(q.dtype)
     o_part = torch.empty(B, Hq, NS, d, device=q.device, dtype=torch.float32)
     lse_part = torch.empty(B, Hq, NS, device=q.device, dtype=torch.float32)
-    _decode_kernel[(B * Hk, NS)](q, k_cache, v_cache, lengths, o_part, lse_part, scale, S, SPLIT, NS,
-                                 q.stride(0), q.stride(1), *_strides(k_cache), *_strides(v_cache),
-                                 HK=Hk, G=G, D=d, BG=pow2(G), BN=BN, DOT_T=DOT_T, PREC=PREC)
+    _decode_kernel[(B * Hk, NS)](q, k_cache, v_cache, lengths, key_start if key_start is not None else lengths,
+                                 o_part, lse_part, scale, S, SPLIT, NS, q.stride(0), q.stride(1),
+                                 *_strides(k_cache), *_strides(v_cache), HK=Hk, G=G, D=d, BG=pow2(G), BN=BN,
+                                 HAS_START=key_start is not None, DOT_T=DOT_T, PREC=PREC)
     # flash-decoding merge of the splits, base-2 logsumexps; all-empty rows (lengths 0) give 0
     lse = torch.logsumexp(lse_part * 0.6931471805599453, dim=-1, keepdim=True)            # natural log
     w = torch.exp(lse_part * 0.6931471805599453 - lse).nan_to_num(0.0)
