@@ -147,8 +147,7 @@ def test_cp_equals_single_process(world, reference, tmp_path):
 
 def test_halo_matters():
     """Sanity of the test itself: cutting the sequence without the exchanges (halo, value delay, earlier keys) changes
-    the logits by far more
-    than the tolerance above, so the equality test really checks the exchanges."""
+    the logits by far more than the tolerance above, so the equality test really checks the exchanges."""
     model = _randomised_model()
     ids, _ = _batch()
     with torch.no_grad():

@@ -1,0 +1,306 @@
+"""Supervised fine-tuning (SFT) at the third context stage, with aggregation data mixed in [TR §III; issue 5].
+
+The paper's SFT runs at 131K tokens with RoPE base 5M; the tiny profile switches the base again (`set_rope_theta`) at
+a 4x longer window than midtraining's. SFT data are chats in the chat template: plain reasoning chats
+(`<think>cot</think>\\boxed{a}`), instruction chats, and aggregation examples that teach the Markovian RSA workflow
+the model later runs at inference (`zaya_lib.data.aggregation`, the one prompt builder shared with RSA).
+
+Notable features:
+- Loss on assistant tokens only: every sample carries a 0/1 mask (1 on assistant contents and their closing
+  `<|end|>`), packing keeps it aligned token for token, and the trainer turns it into labels with `sft_labels`'s rule
+  (-100 wherever the TARGET token is not an assistant token).
+- No arbitrary truncation: each chat is answer-preservingly trimmed (`zaya_lib.data.trimming`) to the window, then
+  whole samples go into fixed windows by best-fit-decreasing (`zaya_lib.data.packing.pack_sft`); a sample is never
+  split across windows.
+- Windows are W + 1 = `seq_len + 1` tokens: inputs are the first W and targets the last W (the trainer's [N, T+1]
+  convention), so a sample can use the whole window and every target has its input context.
+- Samples in a window share one causal attention span with continuous positions (as in pretraining packing; each
+  sample opens with `<bos>`, and no loss ever crosses a sample boundary since a sample's first token carries no
+  target). The model has no per-document attention mask yet (see the helper's report).
+- Aggregation data at a ratio from params: expert-aggregation (C candidates from the programmatic solver, each
+  right with probability p or carrying one realistic mistake) and self-aggregation (C candidates sampled from the
+  current checkpoint with the generation engine; an on-policy correct candidate becomes the target when there is one).
+- Validation before any work (`check_sft_params`): a window the context-parallel world size does not divide, or C
+  tails of tau tokens plus the prompt wording that do not fit the window, fail at once naming the parameter.
+- Evaluation: pass@1 on held-out reasoning problems, and one aggregation round (k tails of the model's own samples
+  -> one aggregated answer) against a single sample and a majority vote over the same k samples.
+- Checkpoints are Hugging Face folders (config.json with the new `rope_theta`, safetensors, tokenizer), written to a
+  temp folder and renamed into place.
+
+Shapes: N windows, W window (= seq_len), V vocabulary.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..data.aggregation import (build_aggregation_prompt_ids, candidate_tail, expert_aggregation_examples,
+                                fixed_overhead, mix_sft_with_aggregation, self_aggregation_examples)
+from ..data.packing import SFTPacked, pack_sft
+from ..data.tasks import Problem
+from ..data.tokenizer import encode_chat
+from ..data.trimming import TrimStats, encode_turns, split_thinking, trim
+from .context_parallel import check_divisible
+from .trainer import TrainData
+
+__all__ = ["SFT_CATEGORIES", "check_sft_params", "encode_sft_chat", "trimmed_chat_samples", "aggregation_samples",
+           "pack_sft_data", "sft_labels", "engine_sampler", "save_hf_checkpoint", "load_hf_checkpoint",
+           "evaluate_pass1", "evaluate_aggregation", "AggregationEval"]
+
+SFT_CATEGORIES = ("reasoning", "instruct", "aggregation")
+Sample = tuple[list[int], list[int]]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# validation
+
+
+def check_sft_params(seq_len: int, cp_world_size: int = 1, tokenizer: Any = None, agg_candidates: int | None = None,
+                     agg_tau: int | None = None, agg_ratio: float = 0.0, prefix: str = "sft_") -> None:
+    """Fail at once, naming the parameter, on a window the CP world size does not divide, an aggregation ratio outside
+    [0, 1], or C tails of tau tokens (plus the prompt's fixed wording) that leave no room in the window."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
+        raise ValueError(f"{prefix}seq_len must be a positive int, got {seq_len!r}")
+    try:
+        check_divisible(seq_len, cp_world_size)
+    except ValueError as e:
+        raise ValueError(f"{prefix}seq_len={seq_len} with cp_world_size={cp_world_size}: {e}") from None
+    if not 0.0 <= agg_ratio <= 1.0:
+        raise ValueError(f"{prefix}agg_ratio must be in [0, 1], got {agg_ratio}")
+    if agg_ratio > 0.0:
+        for key, v in ((f"{prefix}agg_candidates", agg_candidates), (f"{prefix}agg_tau", agg_tau)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{key} must be a positive int, got {v!r}")
+        if agg_tau >= seq_len:
+            raise ValueError(f"{prefix}agg_tau={agg_tau}: a tail longer than the window {prefix}seq_len={seq_len}")
+        if tokenizer is not None:
+            need = fixed_overhead(tokenizer, agg_candidates) + agg_candidates * agg_tau
+            if need >= seq_len:
+                raise ValueError(
+                    f"{prefix}agg_candidates={agg_candidates} tails of {prefix}agg_tau={agg_tau} tokens plus "
+                    f"{fixed_overhead(tokenizer, agg_candidates)} tokens of prompt wording need {need} tokens, "
+                    f"which leaves no room for the problem and the answer in the window {prefix}seq_len={seq_len}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# data
+
+
+def encode_sft_chat(tokenizer: Any, messages: Sequence[dict]):
+    """A chat (`[{role, content}]`, assistant contents possibly `<think>..</think>answer`) as an `EncodedSample`
+    whose assistant think blocks are separate, so AP-trimming can cut their tails and keep the answers."""
+    turns = []
+    for m in messages:
+        if m["role"] == "assistant":
+            thinking, answer = split_thinking(m["content"])
+            turns.append({"role": "assistant", "content": answer, "thinking": thinking})
+        else:
+            turns.append({"role": m["role"], "content": m["content"]})
+    return encode_turns(tokenizer, turns)
+
+
+def trimmed_chat_samples(tokenizer: Any, chats: Sequence[Sequence[dict]], budget: int) -> tuple[list[Sample], TrimStats]:
+    """AP-trim every chat to `budget` tokens; samples whose answers alone exceed it are dropped (and counted)."""
+    stats = TrimStats(budget)
+    out = []
+    for msgs in chats:
+        r = trim(encode_sft_chat(tokenizer, msgs), budget)
+        stats.add(r)
+        if r.ids is not None:
+            out.append((r.ids, r.loss_mask))
+    return out, stats
+
+
+def engine_sampler(model, tokenizer, max_new_tokens: int, temperature: float, top_p: float = 1.0, seed: int = 0,
+                   batch_size: int = 64) -> Callable[[list[list[int]]], list[list[int]]]:
+    """`sample_fn(prompts) -> completions` for self-aggregation, backed by the batched generation engine."""
+    from ..ttc.engine import Engine
+
+    engine = Engine(model, tokenizer, batch_size=batch_size)
+
+    def sample(prompts: list[list[int]]) -> list[list[int]]:
+        return engine.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                               seed=seed, desc="self-aggregation candidates").token_ids
+
+    return sample
+
+
+def aggregation_samples(tokenizer: Any, expert_problems: Sequence[Problem], self_problems: Sequence[Problem], C: int,
+                        tau: int, budget: int, rng: random.Random, p_correct: float = 0.5,
+                        sample_fn: Callable | None = None) -> tuple[list[Sample], dict]:
+    """Expert- and self-aggregation SFT examples (AP-trimmed to `budget`); returns (samples, counts)."""
+    from ..rl.verifiers import score_math
+
+    stats_e: dict = {}
+    stats_s: dict = {}
+    out = expert_aggregation_examples(expert_problems, C, tau, tokenizer, rng, p_correct=p_correct, max_len=budget,
+                                      stats=stats_e)
+    if self_problems:
+        if sample_fn is None:
+            raise ValueError("self-aggregation needs sample_fn (e.g. engine_sampler(model, tokenizer, ...))")
+        out += self_aggregation_examples(self_problems, C, tau, tokenizer, sample_fn,
+                                         verify_fn=lambda p, text: score_math(text, p.answer) > 0, rng=rng,
+                                         max_len=budget, stats=stats_s)
+    return out, {"expert": stats_e, "self": stats_s}
+
+
+def pack_sft_data(samples_by_category: dict[str, Sequence[Sample]], seq_len: int, pad_id: int = 0,
+                  seed: int = 0) -> tuple[TrainData, SFTPacked]:
+    """Pack whole samples into windows of `seq_len + 1` tokens by best-fit-decreasing and wrap them as the trainer's
+    `TrainData` (loss mask = assistant mask; per-token category for the loss per category).
+
+    A sample longer than the window raises (it should have been AP-trimmed). Samples are shuffled (seeded) first so
+    equal-length ties do not group one category together; `packed.boundaries` index samples in the input order
+    (the categories' lists concatenated in the dict's order).
+    """
+    cats = list(samples_by_category)
+    unknown = [c for c in cats if c not in SFT_CATEGORIES]
+    if unknown:
+        raise ValueError(f"unknown SFT categories {unknown}; expected a subset of {SFT_CATEGORIES}")
+    flat = [(s, SFT_CATEGORIES.index(c)) for c in cats for s in samples_by_category[c]]
+    if not flat:
+        raise ValueError("no SFT samples to pack")
+    order = list(range(len(flat)))
+    random.Random(seed).shuffle(order)
+    packed = pack_sft([flat[i][0] for i in order], window=seq_len + 1, pad_id=pad_id, on_oversize="raise")
+    category = torch.zeros_like(packed.input_ids)
+    for w, spans in enumerate(packed.boundaries):
+        for j, (start, end, i) in enumerate(spans):
+            category[w, start:end] = flat[order[i]][1]
+            spans[j] = (start, end, order[i])  # index into the input order (categories concatenated), not the shuffle
+    data = TrainData(tokens_NT1=packed.input_ids, category_NT1=category, categories=list(SFT_CATEGORIES),
+                     loss_mask_NT1=packed.loss_mask)
+    return data, packed
+
+
+def sft_labels(tokens_NT1: torch.Tensor, loss_mask_NT1: torch.Tensor) -> torch.Tensor:
+    """Targets [N, T] for inputs tokens[:, :-1]: the next token where it is an assistant token, else -100.
+    (The rule `trainer.train` applies to a `TrainData` with a loss mask; tests check they agree.)"""
+    labels = tokens_NT1[:, 1:].clone()
+    labels[loss_mask_NT1[:, 1:] == 0] = -100
+    return labels
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def save_hf_checkpoint(model, tokenizer, path: str | os.PathLike, extra: dict | None = None) -> Path:
+    """`save_pretrained` model (+ tokenizer) into a temp folder next to `path`, then swap it into place: a reader
+    sees the old checkpoint or the new one, never a partial one."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            (tmp / "sft_info.json").write_text(json.dumps(extra, indent=2) + "\n")
+        old = None
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_hf_checkpoint(path: str | os.PathLike, device="cpu"):
+    """(model, tokenizer) from a phase checkpoint folder; the tokenizer from the same folder, else `<run_dir>/tokenizer`."""
+    from ..data.tokenizer import load_tokenizer
+    from ..model import ZayaForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no Hugging Face checkpoint at {str(path)!r} (config.json missing); run the earlier "
+                                "phase's notebook first")
+    model = ZayaForCausalLM.from_pretrained(path).to(device)
+    tok_dir = path if (path / "tokenizer.json").is_file() else path.parent.parent / "tokenizer"
+    return model, load_tokenizer(tok_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# evaluation
+
+
+def _score(texts: Sequence[str], problems: Sequence[Problem]) -> list[float]:
+    from ..rl.verifiers import score_math
+
+    return [score_math(t, p.answer) for t, p in zip(texts, problems)]
+
+
+def evaluate_pass1(model, tokenizer, problems: Sequence[Problem], max_new_tokens: int, temperature: float = 0.0,
+                   samples: int = 1, seed: int = 0, batch_size: int = 64) -> dict:
+    """pass@1 = mean accuracy of `samples` completions per problem (greedy when temperature is 0), per task too."""
+    from ..ttc.engine import Engine
+
+    prompts = [encode_chat(tokenizer, p.question)[0] for p in problems for _ in range(samples)]
+    out = Engine(model, tokenizer, batch_size=batch_size).generate(prompts, max_new_tokens, temperature=temperature,
+                                                                   seed=seed, desc="eval pass@1")
+    rep = [p for p in problems for _ in range(samples)]
+    correct = _score(out.texts, rep)
+    by_task: dict[str, list[float]] = {}
+    for p, c in zip(rep, correct):
+        by_task.setdefault(p.task, []).append(c)
+    return {"pass1": sum(correct) / max(len(correct), 1), "n": len(correct),
+            "per_task": {t: sum(v) / len(v) for t, v in by_task.items()},
+            "mean_tokens": sum(out.num_generated) / max(len(out.num_generated), 1)}
+
+
+@dataclass
+class AggregationEval:
+    single: float        # mean accuracy of the k independent samples (pass@1 at this temperature)
+    aggregated: float    # accuracy of one aggregation round over their k tails
+    majority: float      # majority vote over the k extracted answers (ties: first seen)
+    pass_at_k: float     # any of the k samples right
+    n_problems: int
+    k: int
+    tau: int
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def evaluate_aggregation(model, tokenizer, problems: Sequence[Problem], k: int, tau: int, max_new_tokens: int,
+                         temperature: float = 0.8, agg_temperature: float = 0.0, seed: int = 0,
+                         batch_size: int = 64) -> AggregationEval:
+    """One Markovian aggregation round: k samples per problem, their last `tau` tokens go into the shared aggregation
+    prompt, and one aggregated answer is generated; compared with a single sample and a majority vote."""
+    from ..rl.verifiers import extract_answer
+    from ..ttc.engine import Engine
+
+    engine = Engine(model, tokenizer, batch_size=batch_size)
+    prompts = [encode_chat(tokenizer, p.question)[0] for p in problems for _ in range(k)]
+    cand = engine.generate(prompts, max_new_tokens, temperature=temperature, seed=seed, desc="candidates")
+    rep = [p for p in problems for _ in range(k)]
+    ok = _score(cand.texts, rep)
+    agg_prompts = [build_aggregation_prompt_ids(
+        tokenizer, p.question, [candidate_tail(tokenizer, c, tau) for c in cand.token_ids[j * k:(j + 1) * k]], tau=tau)
+        for j, p in enumerate(problems)]
+    agg = engine.generate(agg_prompts, max_new_tokens, temperature=agg_temperature, seed=seed + 1, desc="aggregate")
+    agg_ok = _score(agg.texts, problems)
+    maj, any_ok = [], []
+    for j, p in enumerate(problems):
+        answers = [extract_answer(t) for t in cand.texts[j * k:(j + 1) * k]]
+        votes = Counter(a for a in answers if a)
+        top = votes.most_common(1)[0][0] if votes else None
+        maj.append(_score([f"\\boxed{{{top}}}" if top else ""], [p])[0])
+        any_ok.append(float(any(ok[j * k:(j + 1) * k])))
+    n = max(len(problems), 1)
+    return AggregationEval(single=sum(ok) / max(len(ok), 1), aggregated=sum(agg_ok) / n, majority=sum(maj) / n,
+                           pass_at_k=sum(any_ok) / n, n_problems=len(problems), k=k, tau=tau)
