@@ -255,14 +255,15 @@ def _bwd_conv_kernel(qk, dw_w, dw_b, g_w, dy, dqk, d_dw_w, d_dw_b, d_g_w, d_g_b,
 # launchers
 
 def _blocks(T: int, d: int):
-    # The interpreter's cost is per program per op, so it gets one big time block; on a GPU 32 rows of a d=128 head
-    # in three fp32 chunks plus the two conv taps; 8 warps spread the [32, 128] tiles and [128, 128] conv weights.
-    BT = min(pow2(T + 1), 256) if INTERPRET else (32 if d >= 128 else 64)
+    # The interpreter's cost is per program per op, so it gets one big time block. On a GPU (sm_90, compiled
+    # ahead of time with ptxas): d=128 with BT=16 and 8 warps fits the registers without spilling (BT=32 spills).
+    BT = min(pow2(T + 1), 256) if INTERPRET else (16 if d >= 128 else 32)
     return BT, pow2(d // 4), pow2(d // 2)
 
 
-def _warps(d: int) -> int:
-    return 8 if d >= 128 else 4
+def _warps(d: int, conv_bwd: bool = False) -> int:
+    # the transposed-conv kernel holds four dy tiles and both [d, d] taps: 4 warps spill least there
+    return 4 if conv_bwd or d < 128 else 8
 
 
 def cca_qk_fwd(qk, dw_weight, dw_bias, g_weight, g_bias, temp, cos, sin, Hq, Hk, d, conv_state=None):
@@ -295,7 +296,7 @@ def cca_qk_bwd(dout, qk, dw_weight, dw_bias, g_weight, g_bias, temp, cos, sin, H
     d_g_w, d_g_b = torch.zeros(C, d, 2, **f32), torch.zeros(C, **f32)
     _bwd_conv_kernel[(triton.cdiv(T + 1, BT), B * H)](qk, dw_weight, dw_bias, g_weight, dy, dqk, d_dw_w, d_dw_b,
                                                        d_g_w, d_g_b, T, HQ=Hq, HK=Hk, D=d, BT=BT,
-                                                       DOT_T=DOT_T, PREC=PREC, num_warps=_warps(d))
+                                                       DOT_T=DOT_T, PREC=PREC, num_warps=_warps(d, True))
     dtemp = dtemp_part.sum((0, 1))[Hq:]
     return dqk, d_dw_w, d_dw_b, d_g_w, d_g_b, dtemp
 

@@ -194,11 +194,18 @@ def _decode_kernel(q, k, v, lengths, key_start, o_part, lse_part, sm_scale, S, S
 # ----------------------------------------------------------------------------------------------------------------
 # launchers
 
-def _blocks(T: int, d: int):
+def _blocks(T: int, d: int, dtype=torch.bfloat16):
     if INTERPRET:  # cost is per program per op: few, big programs
         b = min(pow2(T), 128)
         return b, b
+    if dtype == torch.float32:  # exact fp32 dots run on FMA units: small tiles (bigger ones spill heavily)
+        return 32, 32
     return (128, 64) if d <= 64 else (64, 64)
+
+
+def _warps(d: int) -> int:
+    # d=128 with 64x64 tiles: 8 warps compile without register spills on sm_90 (4 warps spill in the backward)
+    return 8 if d >= 128 else 4
 
 
 def _strides(x):
@@ -208,20 +215,21 @@ def _strides(x):
 def attention_fwd(q, k, v, scale, key_start=None):
     B, Hq, T, d = q.shape
     Hk = k.shape[1]
-    BM, BN = _blocks(T, d)
+    BM, BN = _blocks(T, d, q.dtype)
     DOT_T, PREC = dot_dtype(q.dtype)
     o = torch.empty(B, Hq, T, d, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
     _fwd_kernel[(triton.cdiv(T, BM), B * Hq)](q, k, v, o, lse, key_start if key_start is not None else lse, scale, T,
                                               *_strides(q), *_strides(k), *_strides(v), HQ=Hq, G=Hq // Hk, D=d,
-                                              BM=BM, BN=BN, HAS_START=key_start is not None, DOT_T=DOT_T, PREC=PREC)
+                                              BM=BM, BN=BN, HAS_START=key_start is not None, DOT_T=DOT_T, PREC=PREC,
+                                              num_warps=_warps(d))
     return o, lse
 
 
 def attention_bwd(do, q, k, v, o, lse, scale, key_start=None):
     B, Hq, T, d = q.shape
     Hk = k.shape[1]
-    BM, BN = _blocks(T, d)
+    BM, BN = _blocks(T, d, q.dtype)
     DOT_T, PREC = dot_dtype(q.dtype)
     do = do.contiguous()
     delta = (o.float() * do.float()).sum(-1)  # D_i = rowsum(dO * O), FlashAttention-2 preprocessing
@@ -232,10 +240,10 @@ def attention_bwd(do, q, k, v, o, lse, scale, key_start=None):
     ks, has = (key_start, True) if key_start is not None else (lse, False)
     _bwd_dkdv_kernel[(triton.cdiv(T, BN), B * Hk)](q, k, v, do, lse, delta, dk, dv, ks, scale, T, *st,
                                                    HQ=Hq, HK=Hk, G=Hq // Hk, D=d, BM=BM, BN=BN, HAS_START=has,
-                                                   DOT_T=DOT_T, PREC=PREC)
+                                                   DOT_T=DOT_T, PREC=PREC, num_warps=_warps(d))
     _bwd_dq_kernel[(triton.cdiv(T, BM), B * Hq)](q, k, v, do, lse, delta, dq, ks, scale, T, *st,
                                                  HQ=Hq, G=Hq // Hk, D=d, BM=BM, BN=BN, HAS_START=has,
-                                                 DOT_T=DOT_T, PREC=PREC)
+                                                 DOT_T=DOT_T, PREC=PREC, num_warps=_warps(d))
     return dq, dk, dv
 
 

@@ -142,7 +142,12 @@ def _wgrad_kernel(p, q, order, dw, offsets, P, Q, GATHER_Q: tl.constexpr,
 def _blocks(N: int, D: int, F: int):
     if INTERPRET:  # few, big programs; still >= 16 everywhere so the shapes are legal on a GPU
         return min(pow2(N), 64), min(pow2(max(D, F)), 128), min(pow2(max(D, F)), 128)
-    return 64, 128, 64
+    # sm_90, compiled ahead of time: 64x128 tiles, K step 32 and 8 warps keep the two SwiGLU accumulators in
+    # registers without spilling
+    return 64, 128, 32
+
+
+NUM_WARPS = 8  # ignored by the interpreter
 
 
 def _route(expert_idx, E: int, BM: int):
@@ -174,13 +179,13 @@ def moe_fwd(x, expert_idx, gate, w_gu, w_down, save: bool):
     h = torch.empty(N, F, device=x.device, dtype=x.dtype)
     gu = torch.empty(N, 2 * F, device=x.device, dtype=x.dtype) if save else h
     _up_swiglu_kernel[(max_tiles, triton.cdiv(F, BN))](x, order, w_gu, h, gu, tile_expert, tile_row, offsets, E, D, F,
-                                                        SAVE=save, BM=BM, BN=BN, BK=BK, DOT_T=DOT_T, PREC=PREC)
+                                                        SAVE=save, BM=BM, BN=BN, BK=BK, DOT_T=DOT_T, PREC=PREC, num_warps=NUM_WARPS)
     y = torch.zeros(N, D, device=x.device, dtype=x.dtype)   # skipped tokens stay 0
     o = torch.empty(N, D, device=x.device, dtype=x.dtype) if save else y
     # down: W_e[k, n] = down_proj[e, n, k]
     _grouped_mm_kernel[(max_tiles, triton.cdiv(D, BN))](h, w_down, y, order, gate, o, tile_expert, tile_row, offsets,
                                                          E, F, D, w_down.stride(0), 1, F, EPI=0, SAVE=save,
-                                                         BM=BM, BN=BN, BK=BK, DOT_T=DOT_T, PREC=PREC)
+                                                         BM=BM, BN=BN, BK=BK, DOT_T=DOT_T, PREC=PREC, num_warps=NUM_WARPS)
     route = (order, offsets, tile_expert, tile_row, max_tiles)
     return y, (h, gu, o, route)
 
@@ -205,21 +210,21 @@ def moe_bwd(dy, x, gate, w_gu, w_down, saved):
     dgu = torch.empty(N, 2 * F, device=x.device, dtype=x.dtype)
     _grouped_mm_kernel[(max_tiles, triton.cdiv(F, BN))](do_s, w_down, dgu, order, gate, gu, tile_expert, tile_row,
                                                          offsets, E, D, F, w_down.stride(0), F, 1, EPI=1, SAVE=False,
-                                                         BM=BM, BN=BN, BK=BK, DOT_T=DOT_T, PREC=PREC)
+                                                         BM=BM, BN=BN, BK=BK, DOT_T=DOT_T, PREC=PREC, num_warps=NUM_WARPS)
     # dx[tok] = dgu @ gate_up_e   (W_e[k, n] = gate_up_proj[e, k, n]: k over 2F, n over D)
     dx = torch.zeros(N, D, device=x.device, dtype=x.dtype)
     _grouped_mm_kernel[(max_tiles, triton.cdiv(D, BN))](dgu, w_gu, dx, order, gate, dgu, tile_expert, tile_row,
                                                          offsets, E, 2 * F, D, w_gu.stride(0), D, 1, EPI=2, SAVE=False,
-                                                         BM=BM, BN=BN, BK=BK, DOT_T=DOT_T, PREC=PREC)
+                                                         BM=BM, BN=BN, BK=BK, DOT_T=DOT_T, PREC=PREC, num_warps=NUM_WARPS)
     # weight grads, fp32 accumulation: d down_e = do_e^T h_e [D, F]; d gate_up_e = dgu_e^T x_e [2F, D]
     BP = BQ = BN
     d_down = torch.empty(E, D, F, device=x.device, dtype=w_down.dtype)
     _wgrad_kernel[(E, triton.cdiv(D, BP), triton.cdiv(F, BQ))](do_s, h, order, d_down, offsets, D, F, GATHER_Q=False,
-                                                                BP=BP, BQ=BQ, BM=BM, DOT_T=DOT_T, PREC=PREC)
+                                                                BP=BP, BQ=BQ, BM=BM, DOT_T=DOT_T, PREC=PREC, num_warps=NUM_WARPS)
     d_gu = torch.empty(E, 2 * F, D, device=x.device, dtype=w_gu.dtype)
     _wgrad_kernel[(E, triton.cdiv(2 * F, BP), triton.cdiv(D, BQ))](dgu, x, order, d_gu, offsets, 2 * F, D,
                                                                     GATHER_Q=True, BP=BP, BQ=BQ, BM=BM,
-                                                                    DOT_T=DOT_T, PREC=PREC)
+                                                                    DOT_T=DOT_T, PREC=PREC, num_warps=NUM_WARPS)
     return dx, dgate, d_gu, d_down
 
 
