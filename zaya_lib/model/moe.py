@@ -65,10 +65,11 @@ class Router(nn.Module):
         bias = torch.zeros(K)
         bias[-1] = -1.0  # the skip slot: p <= 1, so with bias -1 it never wins
         self.register_buffer("balancing_biases", bias)
-        # Statistics since the last balancing step (not saved in checkpoints).
-        self.register_buffer("load_counts", torch.zeros(K), persistent=False)
-        self.register_buffer("prob_sum", torch.zeros(K), persistent=False)
-        self.register_buffer("entropy_sum", torch.zeros(()), persistent=False)
+        # Statistics since the last balancing step. Plain tensors, not buffers: they are not weights, and transformers'
+        # loader re-initialises any module holding an unloaded buffer (which would reset the loaded biases).
+        self.load_counts = torch.zeros(K)
+        self.prob_sum = torch.zeros(K)
+        self.entropy_sum = torch.zeros(())
         self.track_stats = True
 
     def forward(self, x_ND: torch.Tensor, r_prev: torch.Tensor | None):
@@ -81,6 +82,10 @@ class Router(nn.Module):
         gate = probs.gather(1, choice[:, None]).squeeze(1)  # [N], unnormalised
         if self.training and self.track_stats:
             with torch.no_grad():
+                if self.load_counts.device != probs.device:
+                    self.load_counts = self.load_counts.to(probs.device)
+                    self.prob_sum = self.prob_sum.to(probs.device)
+                    self.entropy_sum = self.entropy_sum.to(probs.device)
                 self.load_counts += torch.bincount(choice, minlength=self.K).to(self.load_counts.dtype)
                 p = probs.detach()
                 self.prob_sum += p.sum(0)
