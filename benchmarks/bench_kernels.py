@@ -28,15 +28,9 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")   # before the kernels are decorated
-try:
-    import zaya_kernels as zk
-except ModuleNotFoundError:  # a checkout installed before pyproject mapped zaya_kernels -> kernels/
-    import importlib.util
-    _spec = importlib.util.spec_from_file_location("zaya_kernels", ROOT / "kernels" / "__init__.py",
-                                                   submodule_search_locations=[str(ROOT / "kernels")])
-    zk = sys.modules["zaya_kernels"] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(zk)
 import torch.nn.functional as F  # noqa: E402
+
+import zaya_kernels as zk  # noqa: E402
 
 from zaya_kernels.cca_qk import rope_cos_sin  # noqa: E402
 

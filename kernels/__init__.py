@@ -5,6 +5,8 @@ launchers, autograd.Function, public function):
 - `cca_qk_prep`        fused q/k preparation: causal convs, qk-mean skips, L2 norm * sqrt(d), key temperature, RoPE.
 - `latent_attention`   flash-style causal GQA attention in the compressed latent (+ `latent_attention_decode`).
 - `moe_experts`        top-1 MoE: sort by expert, grouped SwiGLU GEMMs over stacked weights, weighted un-permute.
+Also `testing` (fla/mamba-style comparison helpers) and `aot_check` (compile every kernel for a GPU on a machine
+without one: `TRITON_INTERPRET=0 python -m zaya_kernels.aot_check`).
 
 Without a CUDA device the kernels can only run in Triton's CPU interpreter, which must be switched on before any
 `@triton.jit` decoration. So, on a machine with no CUDA, importing this package sets TRITON_INTERPRET=1 unless the

@@ -7,16 +7,8 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():
+if not torch.cuda.is_available():  # tests/conftest.py does this too; here so the module also runs on its own
     os.environ.setdefault("TRITON_INTERPRET", "1")
-try:
-    import zaya_kernels  # noqa: F401
-except ModuleNotFoundError:  # a checkout installed before pyproject mapped zaya_kernels -> kernels/
-    import importlib.util, pathlib, sys  # noqa: E401
-    _dir = pathlib.Path(__file__).resolve().parents[1] / "kernels"
-    _spec = importlib.util.spec_from_file_location("zaya_kernels", _dir / "__init__.py", submodule_search_locations=[str(_dir)])
-    sys.modules["zaya_kernels"] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(sys.modules["zaya_kernels"])
 
 from zaya_kernels import cca_qk_prep, cca_qk_prep_ref  # noqa: E402
 from zaya_kernels.cca_qk import rope_cos_sin  # noqa: E402
@@ -125,6 +117,15 @@ def test_cca_qk_zero_temperature_zeroes_keys_not_queries():
     (_, _), grads_ref = run(cca_qk_prep_ref, inputs, cos, sin, (Hq, Hk, d), go)
     assert k.abs().max().item() == 0.0 and q.abs().max().item() > 0
     assert_close("dtemp", grads_ref["temp"], grads["temp"], RATIO32)
+
+
+def test_cca_qk_shared_rope_table():
+    """cos/sin of shape [1, T, R] are shared by the batch (same result as the expanded [B, T, R] tables)."""
+    B, T, Hq, Hk, d = 2, 5, 2, 1, 16
+    inputs, cos, sin = make_inputs(B, T, Hq, Hk, d, torch.float32)
+    q, k = cca_qk_prep(*inputs.values(), cos, sin, Hq, Hk, d)
+    q1, k1 = cca_qk_prep(*inputs.values(), cos[:1], sin[:1], Hq, Hk, d)
+    assert torch.equal(q, q1) and torch.equal(k, k1)
 
 
 def test_cca_qk_rejects_bad_inputs():

@@ -7,18 +7,8 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():
+if not torch.cuda.is_available():  # tests/conftest.py does this too; here so the module also runs on its own
     os.environ.setdefault("TRITON_INTERPRET", "1")
-try:
-    import zaya_kernels  # noqa: F401
-except ModuleNotFoundError:  # a checkout installed before pyproject mapped zaya_kernels -> kernels/
-    import importlib.util, pathlib, sys  # noqa: E401
-    _dir = pathlib.Path(__file__).resolve().parents[1] / "kernels"
-    _spec = importlib.util.spec_from_file_location("zaya_kernels", _dir / "__init__.py", submodule_search_locations=[str(_dir)])
-    sys.modules["zaya_kernels"] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(sys.modules["zaya_kernels"])
-
-from zaya_kernels import cca_qk_prep, cca_qk_prep_ref  # noqa: E402
 
 from zaya_kernels import moe_experts, moe_experts_ref  # noqa: E402
 from zaya_kernels.testing import assert_close, assert_half_close  # noqa: E402

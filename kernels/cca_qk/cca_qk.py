@@ -334,7 +334,7 @@ def cca_qk_prep(qk, dw_weight, dw_bias, g_weight, g_bias, temp, cos, sin, num_q_
         dw_weight: [C, 1, 2], dw_bias: [C]   depthwise causal conv (kernel 2).
         g_weight: [C, d, 2], g_bias: [C]     head-wise grouped conv (groups = Hq+Hk, kernel 2).
         temp: [Hk] linear key temperature.
-        cos, sin: [B, T, d/2] HF NeoX tables (cos = cat(cos f, cos f)).
+        cos, sin: [B, T, d/2] (or [1, T, d/2], shared by the batch) HF NeoX tables (cos = cat(cos f, cos f)).
         conv_state: optional [B, C, 2], the last two raw columns before this chunk (decode); forward only.
     Returns:
         q [B, T, Hq, d], k [B, T, Hk, d] (views of one [B, T, Hq+Hk, d] buffer), in qk's dtype.
@@ -359,6 +359,8 @@ def cca_qk_prep(qk, dw_weight, dw_bias, g_weight, g_bias, temp, cos, sin, num_q_
     check_tensor("g_weight", g_weight, (C, d, 2))
     check_tensor("g_bias", g_bias, (C,))
     check_tensor("temp", temp, (Hk,))
+    if isinstance(cos, torch.Tensor) and isinstance(sin, torch.Tensor) and cos.dim() == 3 and cos.shape[0] == 1 < B:
+        cos, sin = cos.expand(B, -1, -1), sin.expand(B, -1, -1)        # one table shared by the batch
     check_tensor("cos", cos, (B, T, d // 2))
     check_tensor("sin", sin, (B, T, d // 2))
     if conv_state is not None:
