@@ -20,9 +20,10 @@ Notable features:
   attention work. Attention is a small share of the FLOPs at CCA's compressed width; balancing is future work.
 - Exact: forward, loss and every parameter gradient equal the single-process result to fp32 rounding
   (tests/test_context_parallel.py, 2 and 4 gloo processes).
-- Works with gloo (CPU) and NCCL (GPU): p2p through isend/irecv (matching on tags with gloo; NCCL ignores tags and
-  relies on the identical, deterministic call order on every rank), all-gather and reduce-scatter through
-  `all_gather_single` / `reduce_scatter_single`.
+- Works with gloo (CPU) and NCCL (GPU): p2p through `batch_isend_irecv` (matching on tags with gloo; NCCL ignores
+  tags and relies on the identical, deterministic call order on every rank, which autograd gives since every rank
+  builds the same graph), all-gather and reduce-scatter through `all_gather_single` / `reduce_scatter_single`.
+  NCCL is untested here (no GPU on the development machines).
 - The loss is the global token mean: each rank's next-token targets are shifted over the whole sequence BEFORE
   chunking (the last token of chunk r predicts the first token of chunk r + 1), and the local sum is divided by the
   global count of targets, so the per-rank gradients sum to the single-process gradient.
@@ -33,12 +34,14 @@ C = (Hq + Hk) * d packed q|k channels, P = conv halo width (2).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 __all__ = ["ContextParallel", "check_divisible", "shift_labels", "split_chunk", "cp_loss", "sync_gradients",
-           "sync_routing_stats", "cp_train_step"]
+           "sync_routing_stats", "cp_train_step", "check_against_single_process"]
 
 # p2p tags: one per (layer, kind, direction) so gloo can never match a message to the wrong receive
 _KINDS = {"conv": 0, "vdel": 1}
@@ -126,13 +129,14 @@ class ContextParallel:
         return r if self.group is None else dist.get_global_rank(self.group, r)
 
     def _p2p(self, send, to: int, recv, frm: int, tag: int) -> None:
-        # post both, then wait: no rank blocks in a send while its neighbour blocks in one too
-        reqs = []
+        # One batch (ncclGroupStart/End on NCCL; posted together on gloo), then wait: no rank blocks in a send while
+        # its neighbour blocks in one too.
+        ops = []
         if send is not None:
-            reqs.append(dist.isend(send, self._global(to), group=self.group, tag=tag))
+            ops.append(dist.P2POp(dist.isend, send, self._global(to), group=self.group, tag=tag))
         if recv is not None:
-            reqs.append(dist.irecv(recv, self._global(frm), group=self.group, tag=tag))
-        for r in reqs:
+            ops.append(dist.P2POp(dist.irecv, recv, self._global(frm), group=self.group, tag=tag))
+        for r in dist.batch_isend_irecv(ops):
             r.wait()
 
     # --- the model's hooks ---------------------------------------------------------------------------------------
@@ -249,3 +253,67 @@ def cp_train_step(model, optimizers, input_ids_BS, labels_BS, cp: ContextParalle
         sync_routing_stats(model, cp.group)
         model.update_balancing_biases()
     return {"loss": float(global_loss), "grad_norm": grad_norm}
+
+
+# --- a self-check on real processes (notebooks; tests/test_context_parallel.py has its own workers) -------------------
+
+def _equivalence_worker(rank: int, world: int, port: int, model, input_ids, labels, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        cp = ContextParallel()
+        model.zero_grad(set_to_none=True)
+        local, global_loss, logits = cp_loss(model, input_ids, labels, cp)
+        local.backward()
+        sync_gradients(model)
+        if rank == 0:
+            torch.save({"loss": float(global_loss), "grads": {n: p.grad for n, p in model.named_parameters()}},
+                       os.path.join(out_dir, "cp.pt"))
+        torch.save(logits.detach(), os.path.join(out_dir, f"logits{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def check_against_single_process(model, input_ids_BS: torch.Tensor, labels_BS: torch.Tensor, world_size: int) -> dict:
+    """Run one forward/backward of `model` (CPU, fp32) on [B, S] over `world_size` real gloo processes (forked, on
+    loopback) and once in this process; return the loss, the largest logit difference, the largest gradient
+    difference relative to each tensor's largest entry, and the wall times. Routing statistics are left untouched."""
+    import socket
+    import tempfile
+    import time
+
+    import torch.multiprocessing as mp
+
+    check_divisible(input_ids_BS.shape[1], world_size)
+    was_training = model.training
+    model.train()
+    for r in model.routers():
+        r.track_stats = False  # a check must not feed the balancing statistics
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with tempfile.TemporaryDirectory() as d:
+            t0 = time.perf_counter()
+            mp.start_processes(_equivalence_worker, args=(world_size, port, model, input_ids_BS, labels_BS, d),
+                               nprocs=world_size, start_method="fork")
+            t_cp = time.perf_counter() - t0
+            res = torch.load(os.path.join(d, "cp.pt"))
+            logits_cp = torch.cat([torch.load(os.path.join(d, f"logits{r}.pt")) for r in range(world_size)], dim=1)
+        model.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        out = model(input_ids_BS, labels=labels_BS)
+        out.loss.backward()
+        t_single = time.perf_counter() - t0
+        rel = {n: float((res["grads"][n] - p.grad).abs().max() / p.grad.abs().max().clamp_min(1e-30))
+               for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+    finally:
+        for r in model.routers():
+            r.track_stats = True
+        model.train(was_training)
+    worst = max(rel, key=rel.get)
+    return {"world_size": world_size, "seq_len": int(input_ids_BS.shape[1]), "loss_cp": res["loss"],
+            "loss_single": float(out.loss.detach()), "max_abs_logit_diff": float((logits_cp - out.logits.detach()).abs().max()),
+            "max_rel_grad_diff": rel[worst], "worst_param": worst, "wall_s_cp": t_cp, "wall_s_single": t_single}

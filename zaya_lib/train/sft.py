@@ -47,12 +47,12 @@ from ..data.aggregation import (build_aggregation_prompt_ids, candidate_tail, ex
 from ..data.packing import SFTPacked, pack_sft
 from ..data.tasks import Problem
 from ..data.tokenizer import encode_chat
-from ..data.trimming import TrimStats, encode_turns, split_thinking, trim
+from ..data.trimming import TrimStats, chat_ids, encode_turns, split_thinking, trim
 from .context_parallel import check_divisible
 from .trainer import TrainData
 
 __all__ = ["SFT_CATEGORIES", "check_sft_params", "encode_sft_chat", "trimmed_chat_samples", "aggregation_samples",
-           "pack_sft_data", "sft_labels", "engine_sampler", "save_hf_checkpoint", "load_hf_checkpoint",
+           "problem_pool", "build_sft_mix", "pack_sft_data", "sft_labels", "stop_ids", "engine_sampler", "save_hf_checkpoint", "load_hf_checkpoint",
            "evaluate_pass1", "evaluate_aggregation", "AggregationEval"]
 
 SFT_CATEGORIES = ("reasoning", "instruct", "aggregation")
@@ -119,12 +119,19 @@ def trimmed_chat_samples(tokenizer: Any, chats: Sequence[Sequence[dict]], budget
     return out, stats
 
 
+def stop_ids(tokenizer) -> list[int]:
+    """Token ids that end a completion: `<|end|>` (the turn's end) and any other turn-structure token a weak model may
+    emit instead (`<eos>`, `<bos>`, role markers); tails must never contain them (`aggregation._validate`)."""
+    ids = chat_ids(tokenizer)
+    return [ids.end, ids.eos, ids.bos, ids.user, ids.system, ids.assistant]
+
+
 def engine_sampler(model, tokenizer, max_new_tokens: int, temperature: float, top_p: float = 1.0, seed: int = 0,
                    batch_size: int = 64) -> Callable[[list[list[int]]], list[list[int]]]:
     """`sample_fn(prompts) -> completions` for self-aggregation, backed by the batched generation engine."""
     from ..ttc.engine import Engine
 
-    engine = Engine(model, tokenizer, batch_size=batch_size)
+    engine = Engine(model, tokenizer, eos_token_id=stop_ids(tokenizer), batch_size=batch_size)
 
     def sample(prompts: list[list[int]]) -> list[list[int]]:
         return engine.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
@@ -150,6 +157,53 @@ def aggregation_samples(tokenizer: Any, expert_problems: Sequence[Problem], self
                                          verify_fn=lambda p, text: score_math(text, p.answer) > 0, rng=rng,
                                          max_len=budget, stats=stats_s)
     return out, {"expert": stats_e, "self": stats_s}
+
+
+def problem_pool(n: int, seed: int, tasks: Sequence[str] | None = None,
+                 difficulties: Sequence[int] | None = None) -> list[Problem]:
+    """`n` training-split problems spread evenly over tasks x difficulties (seeded), for aggregation examples."""
+    from ..data.tasks import MAX_DIFFICULTY, TASKS, make_problems
+
+    keys = [(t, d) for t in (tasks or sorted(TASKS)) for d in (difficulties or range(1, MAX_DIFFICULTY + 1))]
+    counts = Counter(keys[i % len(keys)] for i in range(n))
+    out = [p for (t, d), c in sorted(counts.items()) for p in make_problems(t, c, seed=seed, difficulty=d)]
+    random.Random(seed).shuffle(out)
+    return out
+
+
+def build_sft_mix(tokenizer, chats_by_category: dict[str, Sequence[Sequence[dict]]], seq_len: int, agg_ratio: float,
+                  agg_candidates: int, agg_tau: int, agg_self_frac: float = 0.25, agg_p_correct: float = 0.5,
+                  sample_fn: Callable | None = None, seed: int = 0) -> tuple[dict, dict, dict]:
+    """The SFT mixture: chats AP-trimmed to the window (`seq_len + 1` tokens), plus aggregation examples at
+    `agg_ratio` of the mix (a fraction `agg_self_frac` of them from `sample_fn`, the current checkpoint).
+
+    Returns (mixed samples by category, plain samples by category (the no-aggregation variant's data), info).
+    """
+    check_sft_params(seq_len, 1, tokenizer, agg_candidates, agg_tau, agg_ratio)
+    if not 0.0 <= agg_self_frac <= 1.0:
+        raise ValueError(f"sft_agg_self_frac must be in [0, 1], got {agg_self_frac}")
+    budget = seq_len + 1
+    plain, info = {}, {"trim": {}}
+    for cat, chats in chats_by_category.items():
+        plain[cat], st = trimmed_chat_samples(tokenizer, chats, budget)
+        info["trim"][cat] = st.as_dict()
+    n_plain = sum(map(len, plain.values()))
+    if agg_ratio == 0.0:
+        return dict(plain), plain, {**info, "mix": {"plain": n_plain, "aggregation": 0, "ratio": 0.0}}
+    n_agg = round(n_plain * agg_ratio / (1.0 - agg_ratio)) if agg_ratio < 1.0 else n_plain
+    n_self = round(n_agg * agg_self_frac)
+    probs = problem_pool(n_agg, seed=seed + 7919)
+    agg, info["aggregation"] = aggregation_samples(tokenizer, probs[n_self:], probs[:n_self], agg_candidates,
+                                                   agg_tau, budget, random.Random(seed), agg_p_correct, sample_fn)
+    # mix at the exact ratio (sample identity tells the categories apart afterwards)
+    flat_plain = [s for c in plain for s in plain[c]]
+    mixed, info["mix"] = mix_sft_with_aggregation(flat_plain, agg, agg_ratio, seed=seed)
+    cat_of = {id(s): c for c in plain for s in plain[c]}
+    out: dict[str, list] = {c: [] for c in plain}
+    out["aggregation"] = []
+    for s in mixed:
+        out[cat_of.get(id(s), "aggregation")].append(s)
+    return out, plain, info
 
 
 def pack_sft_data(samples_by_category: dict[str, Sequence[Sample]], seq_len: int, pad_id: int = 0,
@@ -230,8 +284,35 @@ def load_hf_checkpoint(path: str | os.PathLike, device="cpu"):
         raise FileNotFoundError(f"no Hugging Face checkpoint at {str(path)!r} (config.json missing); run the earlier "
                                 "phase's notebook first")
     model = ZayaForCausalLM.from_pretrained(path).to(device)
+    for r in model.routers():  # routing statistics are not weights: from_pretrained may leave them on the meta device
+        if getattr(r, "load_counts", None) is not None and r.load_counts.is_meta:
+            r.load_counts, r.prob_sum, r.entropy_sum = (torch.zeros(r.K, device=device), torch.zeros(r.K, device=device),
+                                                        torch.zeros((), device=device))
     tok_dir = path if (path / "tokenizer.json").is_file() else path.parent.parent / "tokenizer"
     return model, load_tokenizer(tok_dir)
+
+
+def run_sft(init_dir: str | os.PathLike, train_data: TrainData, out_dir: str | os.PathLike, rope_theta: float,
+            cfg, metrics_path: str | os.PathLike | None = None):
+    """Load the checkpoint at `init_dir`, switch its RoPE base, train with the project trainer (`TrainConfig` cfg) and
+    save the result as a Hugging Face checkpoint (model + tokenizer + `sft_info.json`) at `out_dir`.
+
+    Returns (model, history, wall seconds of the training loop)."""
+    import time
+
+    from .trainer import train
+
+    model, tok = load_hf_checkpoint(init_dir, device=cfg.device)
+    theta_before = model.config.rope_theta
+    model.set_rope_theta(rope_theta)
+    t0 = time.perf_counter()
+    hist = train(model, train_data, cfg, metrics_path=metrics_path, resume=False)
+    wall = time.perf_counter() - t0
+    save_hf_checkpoint(model, tok, out_dir, extra={"init": str(init_dir), "rope_theta_before": theta_before,
+                                                   "rope_theta": rope_theta, "seq_len": train_data.seq_len,
+                                                   "steps": cfg.steps, "batch_size": cfg.batch_size,
+                                                   "train_wall_s": wall, "final_loss": hist[-1]["loss"]})
+    return model, hist, wall
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -250,8 +331,8 @@ def evaluate_pass1(model, tokenizer, problems: Sequence[Problem], max_new_tokens
     from ..ttc.engine import Engine
 
     prompts = [encode_chat(tokenizer, p.question)[0] for p in problems for _ in range(samples)]
-    out = Engine(model, tokenizer, batch_size=batch_size).generate(prompts, max_new_tokens, temperature=temperature,
-                                                                   seed=seed, desc="eval pass@1")
+    engine = Engine(model, tokenizer, eos_token_id=stop_ids(tokenizer), batch_size=batch_size)
+    out = engine.generate(prompts, max_new_tokens, temperature=temperature, seed=seed, desc="eval pass@1")
     rep = [p for p in problems for _ in range(samples)]
     correct = _score(out.texts, rep)
     by_task: dict[str, list[float]] = {}
@@ -284,7 +365,7 @@ def evaluate_aggregation(model, tokenizer, problems: Sequence[Problem], k: int, 
     from ..rl.verifiers import extract_answer
     from ..ttc.engine import Engine
 
-    engine = Engine(model, tokenizer, batch_size=batch_size)
+    engine = Engine(model, tokenizer, eos_token_id=stop_ids(tokenizer), batch_size=batch_size)
     prompts = [encode_chat(tokenizer, p.question)[0] for p in problems for _ in range(k)]
     cand = engine.generate(prompts, max_new_tokens, temperature=temperature, seed=seed, desc="candidates")
     rep = [p for p in problems for _ in range(k)]
