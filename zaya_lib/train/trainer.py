@@ -44,7 +44,7 @@ from ..utils import atomic_write_text, progress
 from . import distributed as dist_utils
 from .optim import Optimizers, build_optimizers, wsd_lr
 
-__all__ = ["TrainData", "TrainConfig", "train", "encode_for_training", "build_train_data", "batch_indices", "latest_checkpoint", "load_checkpoint", "check_context_budget", "check_phase_params",
+__all__ = ["TrainData", "TrainConfig", "train", "encode_for_training", "build_train_data", "batch_indices", "latest_checkpoint", "load_checkpoint", "check_context_budget", "check_phase_params", "save_hf_checkpoint",
            "pick_threads"]
 
 
@@ -300,6 +300,29 @@ def _save_checkpoint(ckpt_dir: Path, step: int, state: dict, keep: int) -> Path:
     for old in sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir())[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_hf_checkpoint(model, tokenizer, path: str | os.PathLike) -> Path:
+    """`save_pretrained` of the model (config.json + safetensors, transformers' ZAYA layout) and the tokenizer into
+    `path`, atomically: written in a hidden temp dir next to it, then swapped in by rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".old-{path.name}-", dir=path.parent))
+            os.replace(path, old / "x")
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
