@@ -202,4 +202,5 @@ def test_aggregation_samples_and_eval_with_the_engine(tok):
         first = mask.index(1)
         assert ids[first - 1] == ids_.assistant and sum(mask[first:]) == len(mask) - first  # target only
     ev = sft.evaluate_aggregation(model, tok, probs[:3], k=2, tau=8, max_new_tokens=8)
-    assert ev.n_problems == 3 and all(0.0 <= v <= 1.0 for v in (ev.single, ev.aggregated, ev.majority))
+    assert ev.n_problems == 3 and all(0.0 <= v <= 1.0 for v in (ev.single, ev.aggregated, ev.majority, ev.pass_at_k))
+    assert ev.pass_at_k >= ev.single and ev.pass_at_k >= ev.majority

@@ -22,8 +22,9 @@ Notable features:
   current checkpoint with the generation engine; an on-policy correct candidate becomes the target when there is one).
 - Validation before any work (`check_sft_params`): a window the context-parallel world size does not divide, or C
   tails of tau tokens plus the prompt wording that do not fit the window, fail at once naming the parameter.
-- Evaluation: pass@1 on held-out reasoning problems, and one aggregation round (k tails of the model's own samples
-  -> one aggregated answer) against a single sample and a majority vote over the same k samples.
+- Evaluation: greedy pass@1 on held-out reasoning problems, and one Markovian aggregation round through the project's
+  RSA loop (k samples; k aggregation calls over their k tails) against a single sample and a majority vote over the
+  same k samples, with the paired gain's standard error.
 - Checkpoints are Hugging Face folders (config.json with the new `rope_theta`, safetensors, tokenizer), written to a
   temp folder and renamed into place.
 
@@ -42,8 +43,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..data.aggregation import (build_aggregation_prompt_ids, candidate_tail, expert_aggregation_examples,
-                                fixed_overhead, mix_sft_with_aggregation, self_aggregation_examples)
+from ..data.aggregation import (expert_aggregation_examples, fixed_overhead, mix_sft_with_aggregation,
+                                self_aggregation_examples)
 from ..data.packing import SFTPacked, pack_sft
 from ..data.tasks import Problem
 from ..data.tokenizer import encode_chat
@@ -345,10 +346,13 @@ def evaluate_pass1(model, tokenizer, problems: Sequence[Problem], max_new_tokens
 
 @dataclass
 class AggregationEval:
-    single: float        # mean accuracy of the k independent samples (pass@1 at this temperature)
-    aggregated: float    # accuracy of one aggregation round over their k tails
-    majority: float      # majority vote over the k extracted answers (ties: first seen)
-    pass_at_k: float     # any of the k samples right
+    single: float               # round 0: mean accuracy of the k independent samples (pass@1 at this temperature)
+    aggregated: float           # round 1: mean accuracy of k aggregation calls, each over all k tails of round 0
+    aggregated_majority: float  # round 1: majority vote over the k aggregated answers
+    majority: float             # round 0: majority vote over the k samples (self-consistency at equal samples)
+    pass_at_k: float            # round 0: any of the k samples right
+    gain: float                 # aggregated - single, paired per problem
+    gain_stderr: float          # its standard error over problems
     n_problems: int
     k: int
     tau: int
@@ -358,30 +362,22 @@ class AggregationEval:
 
 
 def evaluate_aggregation(model, tokenizer, problems: Sequence[Problem], k: int, tau: int, max_new_tokens: int,
-                         temperature: float = 0.8, agg_temperature: float = 0.0, seed: int = 0,
-                         batch_size: int = 64) -> AggregationEval:
-    """One Markovian aggregation round: k samples per problem, their last `tau` tokens go into the shared aggregation
-    prompt, and one aggregated answer is generated; compared with a single sample and a majority vote."""
-    from ..rl.verifiers import extract_answer
-    from ..ttc.engine import Engine
+                         temperature: float = 0.8, seed: int = 0, batch_size: int = 64) -> AggregationEval:
+    """One Markovian aggregation round with the project's RSA loop (`zaya_lib.ttc.rsa.run_rsa`, N = K = k, T = 2):
+    k samples per problem, then k aggregation calls, each seeing the problem and the last `tau` tokens of all k
+    samples (the shared prompt builder). Compares the aggregated answers with a single sample and a majority vote."""
+    import math
 
-    engine = Engine(model, tokenizer, eos_token_id=stop_ids(tokenizer), batch_size=batch_size)
-    prompts = [encode_chat(tokenizer, p.question)[0] for p in problems for _ in range(k)]
-    cand = engine.generate(prompts, max_new_tokens, temperature=temperature, seed=seed, desc="candidates")
-    rep = [p for p in problems for _ in range(k)]
-    ok = _score(cand.texts, rep)
-    agg_prompts = [build_aggregation_prompt_ids(
-        tokenizer, p.question, [candidate_tail(tokenizer, c, tau) for c in cand.token_ids[j * k:(j + 1) * k]], tau=tau)
-        for j, p in enumerate(problems)]
-    agg = engine.generate(agg_prompts, max_new_tokens, temperature=agg_temperature, seed=seed + 1, desc="aggregate")
-    agg_ok = _score(agg.texts, problems)
-    maj, any_ok = [], []
-    for j, p in enumerate(problems):
-        answers = [extract_answer(t) for t in cand.texts[j * k:(j + 1) * k]]
-        votes = Counter(a for a in answers if a)
-        top = votes.most_common(1)[0][0] if votes else None
-        maj.append(_score([f"\\boxed{{{top}}}" if top else ""], [p])[0])
-        any_ok.append(float(any(ok[j * k:(j + 1) * k])))
-    n = max(len(problems), 1)
-    return AggregationEval(single=sum(ok) / max(len(ok), 1), aggregated=sum(agg_ok) / n, majority=sum(maj) / n,
-                           pass_at_k=sum(any_ok) / n, n_problems=len(problems), k=k, tau=tau)
+    from ..ttc.backends import EngineBackend
+    from ..ttc.rsa import run_rsa
+
+    res = run_rsa(EngineBackend(model, tokenizer, batch_size=batch_size), tokenizer, problems, N=k, K=k, T=2,
+                  tau=tau, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    r0, r1 = res.rounds
+    diffs = [(b - a) / k for a, b in zip(res.member_correct[0], res.member_correct[1])]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else float("nan")
+    return AggregationEval(single=r0.mean_acc, aggregated=r1.mean_acc, aggregated_majority=r1.majority_acc,
+                           majority=r0.majority_acc, pass_at_k=r0.pass_at_n, gain=mean, gain_stderr=se,
+                           n_problems=n, k=k, tau=tau)
