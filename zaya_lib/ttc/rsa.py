@@ -40,7 +40,7 @@ from zaya_lib.ttc.backends import Backend, Completion
 from zaya_lib.utils import atomic_write_json
 
 __all__ = ["RoundStats", "RSAResult", "RSAError", "run_rsa", "majority_answer", "self_consistency",
-           "SelfConsistencyResult", "judge_answer"]
+           "SelfConsistencyResult", "judge_answer", "compare_at_equal_tokens"]
 
 
 def judge_answer(answer: str | None, gold: Any) -> bool:
@@ -259,3 +259,46 @@ def self_consistency(backend: Backend, tokenizer: Any, problems: Sequence[Any], 
         maj_rows.append(row)
     single = sum(map(sum, ok)) / (P * M)
     return SelfConsistencyResult(ns, accs, toks, single, sum(any(r) for r in ok) / P, maj_rows)
+
+
+def compare_at_equal_tokens(rsa: Sequence[RSAResult], sc: Sequence[SelfConsistencyResult], round_index: int = -1,
+                            n_boot: int = 2000, seed: int = 0) -> dict:
+    """RSA's majority vote after `round_index` against self-consistency's majority vote at no more generated tokens,
+    paired per (seed, problem): `rsa[i]` and `sc[i]` must be runs on the same problems (seed i).
+
+    Returns accuracies (mean and standard deviation over seeds), the paired difference with a bootstrap 95%
+    interval over (seed, problem) pairs, and a verdict: "beats" / "loses to" when the interval excludes 0, else
+    "is not distinguishable from".
+    """
+    if len(rsa) != len(sc) or not rsa:
+        raise ValueError(f"need one self-consistency run per RSA run, got {len(rsa)} RSA and {len(sc)} SC")
+    diffs, accs_r, accs_s, ns, toks_r, toks_s = [], [], [], [], [], []
+    for r, c in zip(rsa, sc):
+        rnd = r.rounds[round_index]
+        n, _ = c.at_tokens(rnd.tokens_per_problem)
+        row_r = r.majority_correct[round_index]
+        row_s = c.majority_correct[n - 1]
+        if len(row_r) != len(row_s):
+            raise ValueError(f"RSA ran {len(row_r)} problems, self-consistency {len(row_s)}: not paired")
+        diffs += [int(a) - int(b) for a, b in zip(row_r, row_s)]
+        accs_r.append(sum(row_r) / len(row_r))
+        accs_s.append(sum(row_s) / len(row_s))
+        ns.append(n)
+        toks_r.append(rnd.tokens_per_problem)
+        toks_s.append(c.tokens_per_problem[n - 1])
+    rng = random.Random(seed)
+    m = len(diffs)
+    boot = sorted(sum(diffs[rng.randrange(m)] for _ in range(m)) / m for _ in range(n_boot))
+    lo, hi = boot[int(0.025 * n_boot)], boot[int(0.975 * n_boot) - 1]
+    mean = sum(diffs) / m
+
+    def _sd(x):
+        mu = sum(x) / len(x)
+        return (sum((v - mu) ** 2 for v in x) / (len(x) - 1)) ** 0.5 if len(x) > 1 else 0.0
+
+    verdict = "beats" if lo > 0 else "loses to" if hi < 0 else "is not distinguishable from"
+    return {"rsa_majority_acc": sum(accs_r) / len(accs_r), "rsa_majority_acc_sd": _sd(accs_r),
+            "sc_majority_acc": sum(accs_s) / len(accs_s), "sc_majority_acc_sd": _sd(accs_s),
+            "sc_samples": ns, "rsa_tokens_per_problem": sum(toks_r) / len(toks_r),
+            "sc_tokens_per_problem": sum(toks_s) / len(toks_s), "diff": mean, "diff_ci95": [lo, hi],
+            "pairs": m, "seeds": len(rsa), "verdict": verdict}
