@@ -168,3 +168,26 @@ def test_backend_failure_keeps_finished_rounds(tok, tmp_path):
     assert "server went away" in partial.error
     on_disk = json.loads(out.read_text())
     assert len(on_disk["rounds"]) == 2 and on_disk["rounds"][1]["majority_acc"] == 1.0
+
+
+def test_compare_at_equal_tokens_pairs_and_verdict():
+    from zaya_lib.ttc.rsa import RoundStats, RSAResult, SelfConsistencyResult, compare_at_equal_tokens
+
+    def rsa(rows):  # one round costing 100 tokens per problem
+        r = RSAResult(params={})
+        r.rounds.append(RoundStats(0, 0.5, 1.0, sum(rows) / len(rows), 100 * len(rows), 100.0, 10, 20, None))
+        r.majority_correct.append(rows)
+        return r
+
+    sc = lambda rows_by_n: SelfConsistencyResult(list(range(1, 4)), [sum(r) / len(r) for r in rows_by_n],
+                                                 [40.0, 80.0, 120.0], 0.3, 1.0, rows_by_n)
+    good, bad = [True] * 30, [False] * 30
+    # at 100 tokens self-consistency may use n=2 (80 tokens), not n=3 (120): n=3's perfect rows must be ignored
+    out = compare_at_equal_tokens([rsa(good)] * 2, [sc([bad, bad, good])] * 2)
+    assert out["sc_samples"] == [2, 2] and out["verdict"] == "beats" and out["diff"] == 1.0
+    assert compare_at_equal_tokens([rsa(bad)], [sc([bad, good, good])])["verdict"] == "loses to"
+    mixed = [i % 2 == 0 for i in range(30)]
+    assert compare_at_equal_tokens([rsa(mixed)], [sc([bad, [not m for m in mixed], bad])])["verdict"] == \
+        "is not distinguishable from"  # +1/-1 alternating: mean 0, the interval straddles 0
+    with pytest.raises(ValueError, match="one self-consistency run per RSA run"):
+        compare_at_equal_tokens([rsa(good)], [])
