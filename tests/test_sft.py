@@ -63,7 +63,8 @@ def test_labels_are_minus_100_exactly_outside_assistant_spans(tok):
     first = next(w for w, spans in enumerate(packed.boundaries) for s in spans if s[2] == 0)
     start, end, _ = next(s for s in packed.boundaries[first] if s[2] == 0)
     targets = [int(x) for x in labels[first, start:end - 1] if x != -100]
-    assert tok.decode(targets, skip_special_tokens=False) == "<think>2+0=2 1+3=4 →42</think>\\boxed{42}<|end|>tac<|end|>"
+    want = "<think>2+0=2 1+3=4 →42</think>\\boxed{42}<|end|>tac<|end|>"
+    assert tok.decode(targets, skip_special_tokens=False) == want
 
 
 def test_gradients_do_not_depend_on_non_assistant_targets(tok):
@@ -117,7 +118,6 @@ def test_trainer_applies_the_same_mask(tok):
 
 
 def test_packing_keeps_samples_whole_and_fills_windows(tok):
-    rng = random.Random(0)
     chats = _chats(60, seed=3)
     samples, _ = sft.trimmed_chat_samples(tok, chats, budget=200)
     by_cat = {"reasoning": samples[:60], "instruct": samples[60:]}
@@ -140,7 +140,6 @@ def test_packing_keeps_samples_whole_and_fills_windows(tok):
     # a sample longer than the window is an error (it should have been AP-trimmed), naming the problem
     with pytest.raises(ValueError, match="do not fit a window of 200 tokens"):
         sft.pack_sft_data({"reasoning": [([1] * 201, [1] * 201)]}, seq_len=199)
-    del rng
 
 
 def test_trimming_keeps_the_answer_when_the_window_is_short(tok):

@@ -315,5 +315,6 @@ def check_against_single_process(model, input_ids_BS: torch.Tensor, labels_BS: t
         model.train(was_training)
     worst = max(rel, key=rel.get)
     return {"world_size": world_size, "seq_len": int(input_ids_BS.shape[1]), "loss_cp": res["loss"],
-            "loss_single": float(out.loss.detach()), "max_abs_logit_diff": float((logits_cp - out.logits.detach()).abs().max()),
+            "loss_single": float(out.loss.detach()),
+            "max_abs_logit_diff": float((logits_cp - out.logits.detach()).abs().max()),
             "max_rel_grad_diff": rel[worst], "worst_param": worst, "wall_s_cp": t_cp, "wall_s_single": t_single}

@@ -53,7 +53,8 @@ from .context_parallel import check_divisible
 from .trainer import TrainData
 
 __all__ = ["SFT_CATEGORIES", "check_sft_params", "encode_sft_chat", "trimmed_chat_samples", "aggregation_samples",
-           "problem_pool", "build_sft_mix", "pack_sft_data", "sft_labels", "stop_ids", "engine_sampler", "save_hf_checkpoint", "load_hf_checkpoint",
+           "problem_pool", "build_sft_mix", "pack_sft_data", "sft_labels", "stop_ids", "engine_sampler",
+           "save_hf_checkpoint", "load_hf_checkpoint",
            "evaluate_pass1", "evaluate_aggregation", "AggregationEval"]
 
 SFT_CATEGORIES = ("reasoning", "instruct", "aggregation")
@@ -108,7 +109,8 @@ def encode_sft_chat(tokenizer: Any, messages: Sequence[dict]):
     return encode_turns(tokenizer, turns)
 
 
-def trimmed_chat_samples(tokenizer: Any, chats: Sequence[Sequence[dict]], budget: int) -> tuple[list[Sample], TrimStats]:
+def trimmed_chat_samples(tokenizer: Any, chats: Sequence[Sequence[dict]],
+                         budget: int) -> tuple[list[Sample], TrimStats]:
     """AP-trim every chat to `budget` tokens; samples whose answers alone exceed it are dropped (and counted)."""
     stats = TrimStats(budget)
     out = []
@@ -276,7 +278,8 @@ def save_hf_checkpoint(model, tokenizer, path: str | os.PathLike, extra: dict | 
 
 
 def load_hf_checkpoint(path: str | os.PathLike, device="cpu"):
-    """(model, tokenizer) from a phase checkpoint folder; the tokenizer from the same folder, else `<run_dir>/tokenizer`."""
+    """(model, tokenizer) from a phase checkpoint folder; the tokenizer from the same folder, else
+    `<run_dir>/tokenizer`."""
     from ..data.tokenizer import load_tokenizer
     from ..model import ZayaForCausalLM
 
@@ -287,8 +290,9 @@ def load_hf_checkpoint(path: str | os.PathLike, device="cpu"):
     model = ZayaForCausalLM.from_pretrained(path).to(device)
     for r in model.routers():  # routing statistics are not weights: from_pretrained may leave them on the meta device
         if getattr(r, "load_counts", None) is not None and r.load_counts.is_meta:
-            r.load_counts, r.prob_sum, r.entropy_sum = (torch.zeros(r.K, device=device), torch.zeros(r.K, device=device),
-                                                        torch.zeros((), device=device))
+            r.load_counts = torch.zeros(r.K, device=device)
+            r.prob_sum = torch.zeros(r.K, device=device)
+            r.entropy_sum = torch.zeros((), device=device)
     tok_dir = path if (path / "tokenizer.json").is_file() else path.parent.parent / "tokenizer"
     return model, load_tokenizer(tok_dir)
 
