@@ -39,7 +39,11 @@ Routing during RL (ZAYA1 balances experts with per-expert biases, never an auxil
   would also crash on our 17 router classes (environment.md appendix §2).
 - DECISION: the balancing biases KEEP UPDATING during RL (`RLStage.balance=True`; `BalancingCallback` calls
   `model.update_balancing_biases()` after every optimizer step). Measured in notebook 06 (same stage, same steps,
-  updating vs frozen): see `run_dir/metrics/06_rl_cascade.json["balancing"]` for the numbers of the run. Reasons: the
+  updating vs frozen): see `run_dir/metrics/06_rl_cascade.json["balancing"]` for the numbers of the run. Development
+  measurement (tiny profile, a stand-in SFT checkpoint whose routing had already collapsed to ~2 active experts,
+  8 steps of stage 1): max/mean expert load 12.41 updating vs 12.69 frozen (mean over steps), active experts 2.09 vs
+  1.75 -- a small effect in the right direction: at balance_lr 1e-2 eight bias steps move a bias by < 0.1, so a short
+  RL stage cannot undo a collapse, but freezing removes the only force against further drift. Reasons: the
   update is aux-loss-free (it adds no gradient that competes with the policy gradient), RL moves the token distribution
   (new prompts, longer answers) so a frozen bias set cannot follow the router's drift, and calibration.md shows that
   without it a tiny ZAYA collapses to a handful of experts. The bias step also changes routing between generation and
@@ -78,6 +82,7 @@ import random
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -89,6 +94,7 @@ from zaya_lib.data.tasks import MAX_DIFFICULTY, TASKS, Problem, make_problems
 from zaya_lib.data.tokenizer import encode_chat, render_chat
 from zaya_lib.rl import verifiers
 from zaya_lib.rl.gym import BOXED_HINT, ENVIRONMENTS, Gym, get_environment
+from zaya_lib.rl.muon import MuonAdamW
 from zaya_lib.utils import atomic_write_json, progress, progress_enabled
 
 __all__ = [
@@ -389,12 +395,15 @@ def _aggregation_prompts(model, tokenizer, rows: list[dict], stage: RLStage, see
 
 
 def build_stage_dataset(stage: RLStage, tokenizer, model=None, gym: Gym | None = None, seed: int = 0) -> StageDataset:
-    """`steps * prompts_per_step` rows (one epoch of TRL's sampler), sources drawn by weight from a seeded RNG.
+    """`steps * prompts_per_step` rows, rounded up to whole generation batches (one epoch of TRL's sampler), sources drawn by weight from a seeded RNG.
     Rows of `gym` are drawn lazily; a fraction `agg_ratio` of tasks rows become aggregation prompts (needs `model`).
     Every fixed prompt's token length is checked against `stage.max_prompt_length` here."""
     rng = random.Random(f"rl|{seed}|{stage.name}")
     srcs, weights = list(stage.sources), list(stage.sources.values())
-    n = stage.steps * stage.prompts_per_step
+    # TRL draws a generation batch of prompts_per_step * steps_per_generation prompts at a time: round the stage up to
+    # whole generation batches, or a short dataset would end the epoch before `steps` optimizer steps
+    S = stage.steps_per_generation
+    n = -(-stage.steps // S) * S * stage.prompts_per_step
     rows: list[dict | None] = []
     for _ in range(n):
         src = rng.choices(srcs, weights)[0]
@@ -547,14 +556,13 @@ def run_stage(model, tokenizer, stage: RLStage, gym: Gym | None = None, seed: in
         dataset = build_stage_dataset(stage, tokenizer, model, gym, seed)
     data_seconds = time.time() - t0
     policy = _wrap_lora(model, stage) if stage.lora else model
-    opt = None
-    from zaya_lib.rl.muon import MuonAdamW
-
     opt = MuonAdamW(policy, lr=stage.learning_rate, muon=stage.optimizer == "muon")
     bal = BalancingCallback(policy, update=stage.balance, gym=gym)
     _base_zaya(policy).reset_routing_stats()
     tmp = work_dir or tempfile.mkdtemp(prefix="trl-")
-    args = make_grpo_config(stage, tmp, seed=seed, device=device, **config_overrides)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
+        args = make_grpo_config(stage, tmp, seed=seed, device=device, **config_overrides)
     trainer = GRPOTrainer(model=policy, reward_funcs=make_reward_funcs(stage, tokenizer, gym), args=args,
                           train_dataset=dataset.as_iterable(), processing_class=tokenizer, optimizers=(opt, None),
                           callbacks=[bal.callback])
@@ -564,7 +572,12 @@ def run_stage(model, tokenizer, stage: RLStage, gym: Gym | None = None, seed: in
 
         trainer.remove_callback(PrinterCallback)
     trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
-    trainer.train()
+    with warnings.catch_warnings():  # transformers 5 renames gradient_checkpointing; TRL still sets the old name
+        warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
+        trainer.train()
+    if trainer.state.global_step != stage.steps:
+        raise RuntimeError(f"RL stage {stage.name!r} ran {trainer.state.global_step} optimizer steps, expected "
+                           f"{stage.steps} (the stage's data ran out)")
     if stage.lora:
         policy.merge_and_unload()
     if work_dir is None:
@@ -646,9 +659,13 @@ def load_policy(path: str | os.PathLike, device="cpu"):
     from zaya_lib.data.tokenizer import load_tokenizer
     from zaya_lib.model import ZayaForCausalLM
 
+    from transformers.utils import logging as hf_logging
+
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no checkpoint at {str(path)!r} (config.json missing): run notebook 05_sft first")
+    if not progress_enabled():
+        hf_logging.disable_progress_bar()
     model = ZayaForCausalLM.from_pretrained(path).to(device)
     tok_dir = path if (path / "tokenizer.json").is_file() else path.parent.parent / "tokenizer"
     return model, load_tokenizer(tok_dir)
