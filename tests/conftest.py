@@ -14,7 +14,9 @@ try:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    # One intra-op thread: the test models are tiny, and with two threads every small op pays a barrier (and on a
+    # busy 2-core machine spins against other processes: measured up to 15x slower).
+    torch.set_num_threads(1)
 except ImportError:  # pragma: no cover
     pass
 

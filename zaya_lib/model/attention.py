@@ -99,7 +99,7 @@ class CCAProjection(nn.Module):
         qk_conv, new_state = self.convolve(qk_BCT, conv_state)
         if cache is not None:
             cache.set_conv(self.layer_idx, new_state)
-        qk_conv = qk_conv.transpose(1, 2)  # [B, T, C]
+        qk_conv = qk_conv.transpose(1, 2).contiguous()  # [B, T, C]; contiguous so d is the fastest dim for SDPA
 
         # (2) qk-mean skips: each query head averages with its KV head; keys take the group mean of that.
         # q and k stay packed as heads [Hq | Hk] of one tensor so norm and RoPE run once over both.

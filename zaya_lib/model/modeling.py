@@ -102,7 +102,11 @@ class ZayaPreTrainedModel(PreTrainedModel):
         """
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
-            module.weight.normal_(0.0, std)
+            # Router MLP layers (marked `fan_in_init`) get std 1/sqrt(fan_in) so the routing logits have O(1)
+            # spread across tokens at init. With 0.02 the three small layers shrink the logits to ~1e-4: softmax is
+            # uniform to 4 digits, every token ranks the experts alike, and the balancing biases alone decide the
+            # routing (all tokens flip together from one expert to the next).
+            module.weight.normal_(0.0, module.in_features ** -0.5 if getattr(module, "fan_in_init", False) else std)
             if module.bias is not None:
                 module.bias.zero_()
         elif isinstance(module, nn.Embedding):

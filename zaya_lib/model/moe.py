@@ -45,6 +45,8 @@ class RouterMLP(nn.Module):
         self.fc1 = nn.Linear(R, R, bias=True)
         self.fc2 = nn.Linear(R, R, bias=True)
         self.out_proj = nn.Linear(R, K, bias=False)
+        for lin in (self.fc1, self.fc2, self.out_proj):
+            lin.fan_in_init = True  # see ZayaPreTrainedModel._init_weights
 
     def forward(self, r: torch.Tensor) -> torch.Tensor:
         z = F.gelu(self.fc1(self.norm(r)))  # exact-erf GELU (nn.GELU default)
@@ -82,22 +84,25 @@ class Router(nn.Module):
         gate = probs.gather(1, choice[:, None]).squeeze(1)  # [N], unnormalised
         if self.training and self.track_stats:
             with torch.no_grad():
-                if self.load_counts.device != probs.device:
-                    self.load_counts = self.load_counts.to(probs.device)
-                    self.prob_sum = self.prob_sum.to(probs.device)
-                    self.entropy_sum = self.entropy_sum.to(probs.device)
+                if self.load_counts.device != probs.device:  # first use on this device (or created on meta)
+                    self.reset_stats(probs.device)
                 self.load_counts += torch.bincount(choice, minlength=self.K).to(self.load_counts.dtype)
                 p = probs.detach()
                 self.prob_sum += p.sum(0)
                 self.entropy_sum += -(p * p.clamp_min(1e-12).log()).sum()
         return choice, gate, r, logits
 
-    def reset_stats(self) -> None:
-        self.load_counts.zero_()
-        self.prob_sum.zero_()
-        self.entropy_sum.zero_()
+    def reset_stats(self, device=None) -> None:
+        device = device if device is not None else self.down_proj.weight.device
+        if device.type == "meta":
+            device = torch.device("cpu")
+        self.load_counts = torch.zeros(self.K, device=device)
+        self.prob_sum = torch.zeros(self.K, device=device)
+        self.entropy_sum = torch.zeros((), device=device)
 
     def stats(self) -> dict:
+        if self.load_counts.is_meta:  # built on the meta device by from_pretrained and never used since
+            self.reset_stats()
         n = float(self.load_counts.sum())
         load = (self.load_counts[: self.E] / max(n, 1.0)).tolist()
         mean = 1.0 / self.E
@@ -247,6 +252,8 @@ class BalancingBiasOptimizer:
         b1, b2 = self.betas
         self.t += 1
         for i, r in enumerate(self.routers):
+            if r.load_counts.is_meta:
+                continue
             counts = r.load_counts[: r.E].detach().float().cpu()
             total = float(counts.sum())
             if total == 0:
