@@ -47,6 +47,8 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():
+            os.chmod(tmp_path, 0o644)  # mkstemp creates 0600; outputs are meant to be shared and read
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
