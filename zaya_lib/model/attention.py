@@ -69,8 +69,17 @@ class CCAProjection(nn.Module):
         self.conv_qk_grouped = nn.Conv1d(C, C, kernel_size=self.t1, groups=self.Hq + self.Hk)
 
     def fused_weight(self) -> torch.Tensor:
-        # [q_dim + k_dim + 2 * v_half, D]: one GEMM instead of four (autograd splits the gradient back).
-        return torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj_current.weight, self.v_proj_delayed.weight], 0)
+        """[q_dim + k_dim + 2 * v_half, D]: one GEMM instead of four (autograd splits the gradient back).
+
+        Without autograd (decoding) the concatenation is cached until any of the four weights changes in place."""
+        ws = (self.q_proj.weight, self.k_proj.weight, self.v_proj_current.weight, self.v_proj_delayed.weight)
+        if torch.is_grad_enabled() and any(w.requires_grad for w in ws):
+            return torch.cat(ws, 0)
+        key = tuple((w.data_ptr(), w._version) for w in ws)
+        if getattr(self, "_fused_key", None) != key:
+            self._fused = torch.cat([w.detach() for w in ws], 0)
+            self._fused_key = key
+        return self._fused
 
     def convolve(self, qk_BCT: torch.Tensor, conv_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Causal depthwise then head-wise conv over packed [q0|k0] channels. Returns ([B, C, T], new raw state)."""
@@ -79,9 +88,25 @@ class CCAProjection(nn.Module):
         else:
             u = F.pad(qk_BCT, (self.conv_pad, 0))
         new_state = u[..., u.shape[-1] - self.conv_pad:] if self.conv_pad > 0 else u[..., :0]
+        if qk_BCT.shape[-1] == 1 and conv_state is not None and not torch.is_grad_enabled():
+            return self._decode_convolve(u), new_state
         u = self.conv_qk_depthwise(u)  # length T + t1 - 1
         u = self.conv_qk_grouped(u)  # length T
         return u, new_state
+
+    def _decode_convolve(self, u_BCL: torch.Tensor) -> torch.Tensor:
+        """The same two convs for ONE new token as a few small tensor ops (a oneDNN conv call on 3 columns costs more
+        than the arithmetic). u: [B, C, t0 + t1 - 1] = raw state + the new column -> [B, C, 1]."""
+        B, C, _ = u_BCL.shape
+        dw, g = self.conv_qk_depthwise, self.conv_qk_grouped
+        # depthwise: t1 output columns, each a t0-tap window
+        win = u_BCL.unfold(-1, self.t0, 1)  # [B, C, t1, t0]
+        mid = (win * dw.weight[:, 0, None, :]).sum(-1) + dw.bias[:, None]  # [B, C, t1]
+        # head-wise: per head, a [d_out, d_in * t1] matrix applied to the head's window
+        H = self.Hq + self.Hk
+        Wg = g.weight.view(H, self.d, self.d * self.t1)  # [H, d_out, d_in * t1] (d_in major, tap minor)
+        out = torch.einsum("hoi,bhi->bho", Wg, mid.reshape(B, H, self.d * self.t1)) + g.bias.view(H, self.d)
+        return out.reshape(B, C, 1)
 
     def forward(self, x_BTD: torch.Tensor, cache: ZayaCache | None = None, cp=None):
         """cp: an optional context-parallel exchanger (`zaya_lib.train.context_parallel`): this rank holds a chunk of the
