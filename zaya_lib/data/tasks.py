@@ -398,12 +398,15 @@ TASKS: dict[str, Task] = {t.name: t for t in [
 # saturated (2-4 digit a+b was solved after 2 minutes), so a tiny model after ~8 min of pretraining + SFT should land
 # inside 0.2-0.8 pass@1; shift all levels with make_suite(difficulty_offset=...).
 DEFAULT_REASONING_SUITE: tuple[tuple[str, int], ...] = (
-    ("add", 4),          # 5-digit + 5-digit
-    ("sub", 3),          # 4-digit borrows
-    ("chain_sum", 3),    # 4 operands of 3 digits
-    ("mul1", 3),         # 4 digits x 1 digit
-    ("linear_eq", 3),    # signed a*x+b=c
-    ("count_letter", 3), # ~14 letters
+    # Difficulty 2 throughout: the tiny profile's model (3.5M parameters, ~35 CPU-minutes of training) has to land
+    # between ~0.2 and 0.8 pass@1 after SFT for RL and test-time compute to have room (spec/calibration.md); at the
+    # earlier levels 3-4 it scored ~0.01. Larger profiles raise it with the notebooks' difficulty offsets.
+    ("add", 2),          # 3-digit + 3-digit
+    ("sub", 2),          # 3-digit borrows
+    ("chain_sum", 2),    # a few 2-3 digit operands
+    ("mul1", 2),         # 3 digits x 1 digit
+    ("linear_eq", 2),    # a*x+b=c
+    ("count_letter", 2), # short words
 )
 
 
