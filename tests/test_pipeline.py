@@ -402,3 +402,17 @@ def test_report_helpers(tmp_path):
     (tmp_path / "metrics" / "05_z.json").write_text("{not json")
     with pytest.raises(ValueError, match="05_z.json: not valid JSON"):
         report.load_metrics(tmp_path)
+
+
+def test_domain_errors_name_the_key_before_anything_runs(tmp_path):
+    """An unknown mixture or an impossible context budget fails at validation (issue 4), naming key and file."""
+    from zaya_lib.pipeline.params import ParamsError, build_schema, validate_params
+
+    schema = build_schema(Path(__file__).resolve().parents[1] / "notebooks")
+    for text, needle in (("pretrain_phase1_mixture: nonsense\n", "unknown mixture 'nonsense'"),
+                         ("pretrain_context: 8\n", "'pretrain_context': a context budget of 8 tokens is impossible")):
+        f = tmp_path / "bad.yaml"
+        f.write_text(text)
+        with pytest.raises(ParamsError, match=needle) as e:
+            validate_params(f, schema)
+        assert str(f) in str(e.value)

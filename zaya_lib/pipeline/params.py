@@ -242,7 +242,29 @@ def validate_params(path: str | Path, schema: Schema) -> dict[str, Any]:
             if not isinstance(v, str):
                 raise _type_error(path, "notebooks", str, v, what=f"[{i}]")
         select_notebooks(schema, data["notebooks"], where=f"{path}: key 'notebooks'")
+    _check_domain(path, data)
     return {**data, "run_name": run_name}
+
+
+def _check_domain(path: Path, data: dict[str, Any]) -> None:
+    """Checks a notebook would otherwise only hit when it reaches that cell, minutes into a run: mixture names and
+    weights (`*_mixture`), and the training phases' context budgets (`*_context`, `sft_seq_len`): long enough for a chat."""
+    mixture_keys = [k for k in data if k.endswith("_mixture")]
+    if mixture_keys:
+        from ..data.mixtures import resolve_mixture
+
+        for key in mixture_keys:
+            try:
+                resolve_mixture(data[key])
+            except ValueError as e:
+                raise ParamsError(f"{path}: key {key!r}: {e}") from None
+    for key, value in data.items():
+        if (key.endswith("_context") or key == "sft_seq_len") and type(value) is int and value < MIN_CONTEXT:
+            raise ParamsError(f"{path}: key {key!r}: a context budget of {value} tokens is impossible; a prompt, its "
+                              f"thinking markers and answer need at least {MIN_CONTEXT}")
+
+
+MIN_CONTEXT = 32  # tokens: the shortest reasoning chat of the task suite (prompt + <think></think> + boxed answer) fits
 
 
 def select_notebooks(schema: Schema, wanted: list[str] | None, where: str = "--only") -> list[str]:
