@@ -14,16 +14,6 @@ from zaya_lib.ttc.backends import BackendError, EngineBackend, HTTPBackend, Tran
 from zaya_lib.ttc.server import serve
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small decode-bound workloads: one intra-op thread is faster, and with other jobs on the 2 cores, 2 threads
-    spin in OpenMP barriers (measured here: 2 s with 1 thread vs 35 s with 2 under load). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tok():
     texts = [f"Compute {a}+{b}. <think>{a}+{b}</think>\\boxed{{{a + b}}}" for a in range(40) for b in range(0, 40, 7)]

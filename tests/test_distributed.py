@@ -63,14 +63,6 @@ def _single(**cfg_kw):
     return {"hist": hist, "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _compare(ref, got, loss_rtol, param_atol, load_atol=1e-6):
     for a, b in zip(ref["hist"], got["hist"]):
         assert b["loss"] == pytest.approx(a["loss"], rel=loss_rtol), (a["step"], a["loss"], b["loss"])

@@ -9,16 +9,6 @@ from zaya_lib.ttc.engine import Engine, sample_next
 NEVER = 127  # an id the test prompts never contain; used as EOS when rows must run to the length limit
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small decode-bound workloads: one intra-op thread is faster, and with other jobs on the 2 cores, 2 threads
-    spin in OpenMP barriers (measured here: 2 s with 1 thread vs 35 s with 2 under load). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)

@@ -6,17 +6,6 @@ from zaya_lib.config import get_config
 from zaya_lib.model import ZayaForCausalLM
 from zaya_lib.train.optim import ExpertMuon, build_optimizers, newton_schulz_batched, split_params, wsd_lr
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models, tiny ops: one thread avoids spin-waits when other jobs share the 2 cores (measured 25x slower
-    with 2 threads on a loaded machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)

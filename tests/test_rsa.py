@@ -15,16 +15,6 @@ from zaya_lib.ttc.rsa import RSAError, majority_answer, run_rsa, self_consistenc
 PROBLEMS = [("Compute 12+7.", "19"), ("Compute 30+4.", "34"), ("How many a in banana?", "3")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small decode-bound workloads: one intra-op thread is faster, and with other jobs on the 2 cores, 2 threads
-    spin in OpenMP barriers (measured here: 2 s with 1 thread vs 35 s with 2 under load). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tok():
     texts = [f"Compute {a}+{b}. <think>{a}+{b}</think>\\boxed{{{a + b}}} banana" for a in range(40) for b in range(9)]

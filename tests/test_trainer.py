@@ -18,17 +18,6 @@ from zaya_lib.train.trainer import (TrainConfig, TrainData, batch_indices, check
 
 ROOT = Path(__file__).resolve().parents[1]
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models, tiny ops: one thread avoids spin-waits when other jobs share the 2 cores (measured 25x slower
-    with 2 threads on a loaded machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
 def toy_data(seq_len=16, n_docs=60):
     """Documents with easily learnt structure: counting up by 1 ("even" docs) or by 2 ("odd" docs)."""
     docs = [[1] + list(range(5 + i % 9, 5 + i % 9 + (20 + i % 5) * (1 + i % 2), 1 + i % 2)) + [2]
