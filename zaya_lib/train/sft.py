@@ -54,7 +54,7 @@ from .trainer import TrainData
 
 __all__ = ["SFT_CATEGORIES", "check_sft_params", "encode_sft_chat", "trimmed_chat_samples", "aggregation_samples",
            "problem_pool", "build_sft_mix", "pack_sft_data", "sft_labels", "stop_ids", "engine_sampler",
-           "save_hf_checkpoint", "load_hf_checkpoint",
+           "save_hf_checkpoint", "load_hf_checkpoint", "plain_sft_chats", "train_noagg_variant",
            "evaluate_pass1", "evaluate_aggregation", "AggregationEval"]
 
 SFT_CATEGORIES = ("reasoning", "instruct", "aggregation")
@@ -318,6 +318,46 @@ def run_sft(init_dir: str | os.PathLike, train_data: TrainData, out_dir: str | o
                                                    "steps": cfg.steps, "batch_size": cfg.batch_size,
                                                    "train_wall_s": wall, "final_loss": hist[-1]["loss"]})
     return model, hist, wall
+
+
+def plain_sft_chats(n_reasoning: int, reasoning_max_difficulty: int, n_instruct: int, seed: int) -> dict[str, list]:
+    """The plain SFT chats by category (reasoning problems at levels 1..max with their compact chain of thought, and
+    instruction chats), seeded: notebook 05 and `train_noagg_variant` build exactly the same list from the same
+    parameters."""
+    from ..data.corpora import instruct_corpus, math_corpus
+
+    return {"reasoning": list(math_corpus(n_reasoning, seed=seed + 5,
+                                          difficulties=list(range(1, reasoning_max_difficulty + 1)))["messages"]),
+            "instruct": list(instruct_corpus(n_instruct, seed=seed + 5)["messages"])}
+
+
+def train_noagg_variant(run_dir: str | os.PathLike, sft_params: dict, device="cpu", dtype: str = "float32",
+                        out_name: str = "sft_noagg"):
+    """Train the control for the aggregation-data experiments: the SFT run of notebook 05 (same start, same steps,
+    batch, lr, window, RoPE base and plain chats, read from `sft_params`, i.e. the `params` of `metrics/05_sft.json`)
+    without any aggregation example, saved to `checkpoints/<out_name>`.
+
+    Returns (model, history, wall seconds of training, number of packed windows)."""
+    from .trainer import TrainConfig
+
+    need = ("seed", "sft_init_phase", "sft_seq_len", "sft_rope_theta", "sft_n_reasoning",
+            "sft_reasoning_max_difficulty", "sft_n_instruct", "sft_steps", "sft_batch_size", "sft_lr",
+            "sft_warmup_steps")
+    missing = [k for k in need if k not in sft_params]
+    if missing:
+        raise KeyError(f"train_noagg_variant: SFT parameters {missing} missing (expected the params of 05_sft.json)")
+    p = sft_params
+    run = Path(run_dir)
+    tok = load_hf_checkpoint(run / "checkpoints" / p["sft_init_phase"])[1]
+    chats = plain_sft_chats(p["sft_n_reasoning"], p["sft_reasoning_max_difficulty"], p["sft_n_instruct"], p["seed"])
+    _, plain, _ = build_sft_mix(tok, chats, p["sft_seq_len"], 0.0, 1, 1, seed=p["seed"])
+    data, packed = pack_sft_data(plain, p["sft_seq_len"], pad_id=tok.pad_token_id, seed=p["seed"])
+    cfg = TrainConfig(steps=p["sft_steps"], batch_size=p["sft_batch_size"], lr=p["sft_lr"],
+                      warmup_steps=p["sft_warmup_steps"], log_every=max(1, p["sft_steps"] // 20), seed=p["seed"],
+                      device=str(device), dtype=dtype, desc=out_name)
+    model, hist, wall = run_sft(run / "checkpoints" / p["sft_init_phase"], data, run / "checkpoints" / out_name,
+                                p["sft_rope_theta"], cfg, run / "metrics" / f"05_{out_name}_train.jsonl")
+    return model, hist, wall, len(packed)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
