@@ -118,6 +118,18 @@ def test_top_p_keeps_the_nucleus_with_renormalised_probabilities():
     assert abs(sharp[0] - 0.25 / 0.365) < 0.02
 
 
+def test_full_distribution_sampling_matches_probabilities_and_skips_zero_entries():
+    # inverse-CDF draws (one uniform per row): frequencies follow p, and a zero-probability token (here id 1, between
+    # non-zero ones, and the last id) is never drawn
+    probs = torch.tensor([0.4, 0.0, 0.35, 0.25, 0.0])
+    logits = probs.log().expand(20000, 5).contiguous()  # log 0 = -inf
+    draws = sample_next(logits, 1.0, 1.0, torch.Generator().manual_seed(1))
+    freq = torch.bincount(draws, minlength=5).float() / len(draws)
+    assert freq[1] == 0 and freq[4] == 0
+    # binomial std at n=20000 is <= 0.0035; 0.02 is > 5 sigma
+    assert torch.allclose(freq[[0, 2, 3]], probs[[0, 2, 3]], atol=0.02)
+
+
 def test_text_prompts_and_validation(model):
     eng = Engine(model, eos_token_id=NEVER, pad_token_id=0)
     with pytest.raises(ValueError, match="max_new_tokens"):

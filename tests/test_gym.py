@@ -68,7 +68,8 @@ def test_every_environment_verifies_gold_and_rejects_wrong(name):
     for d in (0, 2, 5):
         p = env.generate(seed=123 + d, difficulty=d)
         assert p == env.generate(seed=123 + d, difficulty=d)  # deterministic
-        assert "\\boxed{}" in p["prompt"] and p["answer"] != ""
+        # tasks.py families keep SFT's prompt format (the bare question); every other environment asks for \boxed{}
+        assert ("\\boxed{}" in p["prompt"] or name.startswith("tasks/")) and p["answer"] != ""
         json.dumps(p)  # problems travel in dataset columns
         gold = env.verify(p, f"<think>working</think>The answer is \\boxed{{{p['answer']}}}.<|end|>")
         assert gold == {"reward": 1.0, "accuracy": 1.0, "format": 1.0}, (name, d, p)
@@ -87,6 +88,18 @@ def test_difficulty_changes_problems():
     assert len(easy["answer"]) <= 2 and len(hard["answer"]) >= 7
     rg = get_environment("rg/chain_sum")
     assert rg.generate(5, 10**6)["metadata"]["level"] == rg.max_difficulty  # clamped to the curriculum's top
+
+
+def test_task_environments_are_the_sft_problems_with_a_level_ladder():
+    from zaya_lib.data.tasks import is_heldout, make_problems
+
+    env = get_environment("tasks/add")
+    p = env.generate(7, 1)
+    gold = make_problems("add", 1, seed=7, difficulty=2, split="train")[0]
+    assert (p["prompt"], p["answer"], p["metadata"]["level"]) == (gold.question, gold.answer, 2)
+    assert env.generate(7, 99)["metadata"]["level"] == 5  # clamped to the top level
+    assert not any(is_heldout(t, get_environment(f"tasks/{t}").generate(s, 1)["prompt"])
+                   for t in ("add", "linear_eq") for s in range(20))
 
 
 def test_unknown_environment_errors():

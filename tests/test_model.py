@@ -298,3 +298,30 @@ def test_rope_theta_switch_persists(tmp_path):
     assert loaded.config.rope_theta == 1e6
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, after, atol=ATOL, rtol=0)
+
+
+def test_fused_head_cross_entropy_equals_the_plain_path():
+    # float64 end to end, so the only differences are summation order: 1e-10 is ~1e6 ulps of headroom
+    torch.manual_seed(3)
+    m = ZayaForCausalLM(get_config("debug")).double()
+    ids = torch.randint(3, m.config.vocab_size, (2, 11))
+    targets = torch.roll(ids, -1, dims=1)
+    targets[:, -1] = -100
+    targets[0, :3] = -100  # prompt tokens without loss, as in SFT
+    fused = m(input_ids=ids, targets=targets)
+    assert fused.logits is None and fused.token_losses.shape == (2, 11)
+    weights = torch.rand(2, 11, dtype=torch.float64)
+    (fused.token_losses * weights).sum().backward()
+    g_fused = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad(set_to_none=True)
+    logits = m(input_ids=ids).logits
+    plain = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                              reduction="none").view(2, 11)
+    (plain * weights).sum().backward()
+    assert torch.allclose(fused.token_losses, plain, atol=1e-10, rtol=0)
+    assert (fused.token_losses[targets == -100] == 0).all()
+    for n, p in m.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(g_fused[n], p.grad, atol=1e-10, rtol=1e-8), n
+    with pytest.raises(ValueError, match="targets"):
+        m(input_ids=ids, targets=targets[:, :5])

@@ -13,8 +13,9 @@ Notable features:
 - Cached decoding through `ZayaCache` (compressed K/V + conv and delayed-value states); prefill followed by token-by-token
   decode reproduces a full forward.
 - Training features the reference lacks: the balancing-bias optimizer (`update_balancing_biases`), routing statistics
-  (`routing_stats`), a from-scratch initialisation with a justified key temperature, and `set_rope_theta` for the
-  context-extension phases.
+  (`routing_stats`), a from-scratch initialisation with a justified key temperature, `set_rope_theta` for the
+  context-extension phases, and a fused head + cross-entropy (`targets=`, `linear_cross_entropy`) that returns
+  per-token losses without the [N, V] log-softmax, zero-filled gradient and scatter of the usual path.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from .attention import CCAttention, rope_cos_sin
 from .cache import ZayaCache
 from .moe import BalancingBiasOptimizer, MoEBlock, RMSNorm, Router
 
-__all__ = ["ZayaModel", "ZayaForCausalLM", "ZayaOutput", "ZayaModelOutput"]
+__all__ = ["ZayaModel", "ZayaForCausalLM", "ZayaOutput", "ZayaModelOutput", "linear_cross_entropy"]
 
 
 @dataclass
@@ -45,6 +46,7 @@ class ZayaOutput(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     past_key_values: ZayaCache | None = None
+    token_losses: torch.Tensor | None = None  # [B, T] fp32, with `targets=` (the fused path; logits is None then)
 
 
 class ResidualScaling(nn.Module):
@@ -265,11 +267,26 @@ class ZayaForCausalLM(ZayaPreTrainedModel, GenerationMixin):
 
     # --- forward -------------------------------------------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=False, logits_to_keep: int = 0, **kwargs) -> ZayaOutput:
+                inputs_embeds=None, labels=None, use_cache=False, logits_to_keep: int = 0, targets=None,
+                **kwargs) -> ZayaOutput:
+        """HF semantics, plus `targets` [B, T]: next-token ids already aligned with the inputs (-100 = no target);
+        the output then carries fp32 per-token losses in `token_losses` from the fused head + cross-entropy, and no
+        logits (the project trainer's path; `labels` keep the HF meaning: shifted here, mean loss, logits kept)."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                          cp=kwargs.get("cp"))
         h = out.last_hidden_state
+        if targets is not None:
+            if labels is not None or logits_to_keep:
+                raise ValueError("targets= (fused per-token losses) excludes labels= and logits_to_keep")
+            if targets.shape != h.shape[:2]:
+                raise ValueError(f"targets {tuple(targets.shape)} must match the inputs {tuple(h.shape[:2])}")
+            h_ND, t_N = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+            if self.lm_head.bias is None:
+                tl = linear_cross_entropy(h_ND, self.lm_head.weight, t_N)
+            else:  # a head bias (config.lm_head_bias): the plain path
+                tl = F.cross_entropy(self.lm_head(h_ND).float(), t_N, ignore_index=-100, reduction="none")
+            return ZayaOutput(token_losses=tl.view(targets.shape), past_key_values=out.past_key_values)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = self.lm_head(h)
@@ -306,6 +323,48 @@ class ZayaForCausalLM(ZayaPreTrainedModel, GenerationMixin):
     def set_rope_theta(self, theta: float) -> None:
         """Switch the RoPE base (context extension: 1e4 -> 1e6 -> 5e6 in the paper). cos/sin are computed per forward."""
         self.config.rope_theta = float(theta)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Per-token cross entropy of `h @ W.T` in fp32. Forward keeps the softmax probabilities (in the logits' own
+    buffer) instead of log-softmax; backward turns them into dlogits = (p - onehot) * g in place and returns
+    dh = dlogits @ W, dW = dlogits.T @ h. The usual path allocates a zero-filled [N, V] gradient, scatters into it
+    and runs a separate log-softmax backward; this one touches [N, V] once in each direction."""
+
+    @staticmethod
+    def forward(ctx, h_ND, W_VD, target_N, ignore_index):
+        ct = torch.promote_types(h_ND.dtype, torch.float32)  # fp32 at least (float64 stays float64)
+        logits_NV = h_ND.to(ct) @ W_VD.to(ct).t()
+        lse_N = torch.logsumexp(logits_NV, dim=-1)
+        valid_N = target_N != ignore_index
+        safe_N = torch.where(valid_N, target_N, 0)
+        loss_N = torch.where(valid_N, lse_N - logits_NV.gather(1, safe_N[:, None]).squeeze(1), 0.0)
+        probs_NV = logits_NV.sub_(lse_N[:, None]).exp_()  # in place: no second [N, V] buffer
+        ctx.save_for_backward(h_ND, W_VD, probs_NV, safe_N, valid_N)
+        ctx.consumed = False
+        return loss_N
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_N):
+        if ctx.consumed:
+            raise RuntimeError("linear_cross_entropy: backward ran twice (retain_graph) but its buffer is reused in place")
+        ctx.consumed = True
+        h_ND, W_VD, d_NV, safe_N, valid_N = ctx.saved_tensors
+        g_N = torch.where(valid_N, grad_N.to(d_NV.dtype), 0.0)
+        rows = torch.arange(d_NV.shape[0], device=d_NV.device)
+        d_NV[rows, safe_N] -= 1.0
+        d_NV.mul_(g_N[:, None])
+        dh = (d_NV @ W_VD.to(d_NV.dtype)).to(h_ND.dtype) if ctx.needs_input_grad[0] else None
+        dW = (d_NV.t() @ h_ND.to(d_NV.dtype)).to(W_VD.dtype) if ctx.needs_input_grad[1] else None
+        return dh, dW, None, None
+
+
+def linear_cross_entropy(h_ND: torch.Tensor, W_VD: torch.Tensor, target_N: torch.Tensor,
+                         ignore_index: int = -100) -> torch.Tensor:
+    """fp32 per-token losses [N] of the head `h @ W.T` against `target_N` (0 where ignored), fused (see above);
+    equal to `F.cross_entropy(h @ W.T, target, reduction="none")` within fp32 rounding."""
+    return _LinearCrossEntropy.apply(h_ND, W_VD, target_N, ignore_index)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:

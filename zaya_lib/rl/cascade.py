@@ -37,18 +37,21 @@ Routing during RL (ZAYA1 balances experts with per-expert biases, never an auxil
   config's) is non-zero; our config has no such field, and we pass `router_aux_loss_coef=0.0` explicitly and assert
   `trainer.aux_loss_enabled is False` before training (`assert_no_router_aux_loss`). With a non-zero coefficient TRL
   would also crash on our 17 router classes (environment.md appendix §2).
-- DECISION: the balancing biases KEEP UPDATING during RL (`RLStage.balance=True`; `BalancingCallback` calls
-  `model.update_balancing_biases()` after every optimizer step). Measured in notebook 06 (same stage, same steps,
-  updating vs frozen): see `run_dir/metrics/06_rl_cascade.json["balancing"]` for the numbers of the run. Development
-  measurement (tiny profile, a stand-in SFT checkpoint whose routing had already collapsed to ~2 active experts,
-  8 steps of stage 1): max/mean expert load 12.41 updating vs 12.69 frozen (mean over steps), active experts 2.09 vs
-  1.75 -- a small effect in the right direction: at balance_lr 1e-2 eight bias steps move a bias by < 0.1, so a short
-  RL stage cannot undo a collapse, but freezing removes the only force against further drift. Reasons: the
-  update is aux-loss-free (it adds no gradient that competes with the policy gradient), RL moves the token distribution
-  (new prompts, longer answers) so a frozen bias set cannot follow the router's drift, and calibration.md shows that
-  without it a tiny ZAYA collapses to a handful of experts. The bias step also changes routing between generation and
-  training; that is part of the policy change the importance ratio below already measures (old log-probs are computed
-  with the biases of generation time).
+- DECISION: the balancing biases are FROZEN during RL (`RLStage.balance=False`; `BalancingCallback` then only
+  records the step's routing load and resets the counts; `balance=True` steps them with
+  `model.update_balancing_biases()` after every optimizer step). Measured on the tiny profile (same SFT weights, same
+  prompts and seed, held-out pass@1 on 150 problems, paired): 8 steps of stage 1 changed held-out accuracy by -0.027
+  with frozen biases against -0.060 with updating ones (SE 0.023-0.025; at lr 5e-5: -0.013 against -0.033), and a
+  24-step stage 1 by -0.007 against -0.020. Over the whole cascade of that time (lr 2e-4, levels 2-4, which lost
+  accuracy in every stage) both ended at -0.067: freezing is not what fixes RL, it only stops one source of loss.
+  Expert load stayed within the same range either way
+  (max/mean 4.4 updating vs 5.0 frozen), because RL is short next to SFT and a few dozen bias steps at balance_lr 1e-2
+  move a bias by < 0.3. Why updating hurts: RL prompts and answers are short and narrow, so re-balancing toward
+  their token distribution re-routes tokens the experts were trained on during SFT, a policy change that the
+  reward never asked for. Notebook 06 repeats the measurement in every run (`metrics["balancing"]`). Pretraining and
+  SFT keep the update on: there it is what stops the experts collapsing (calibration.md).
+  The bias step would also change routing between generation and training; the importance ratio below measures
+  that too (old log-probs are computed with the biases of generation time).
 
 Rollouts (asynchronous generation, one step off-policy):
 - On a GPU the production setting is TRL's vLLM mode: `GRPOConfig(use_vllm=True, vllm_mode="server")` with a
@@ -101,7 +104,7 @@ __all__ = [
     "RLStage", "SOURCE_KINDS", "REWARD_KINDS", "LORA_TARGETS", "default_cascade", "validate_stages", "source_kind",
     "StageDataset", "build_stage_dataset", "make_reward_funcs", "make_grpo_config", "BalancingCallback",
     "assert_no_router_aux_loss", "run_stage", "run_cascade", "finished_stages", "stage_dir", "load_stage",
-    "evaluate_heldout", "paired_difference", "generate_ids", "save_policy", "load_policy",
+    "evaluate_heldout", "evaluate_heldout_sampled", "paired_difference", "generate_ids", "save_policy", "load_policy",
 ]
 
 SOURCE_KINDS = ("tasks", "env", "gym", "rg", "code", "instruct")
@@ -152,7 +155,7 @@ class RLStage:
     beta: float = 0.0                              # KL to a reference model (0: none loaded)
     epsilon: float = 0.2                           # PPO clip of the importance ratio
     steps_per_generation: int = 2                  # 2: half of every rollout batch is one step stale (docstring)
-    balance: bool = True                           # balancing biases keep updating (the documented decision)
+    balance: bool = False                          # balancing biases frozen during RL (the documented decision)
     lora: bool = False
     lora_rank: int = 8
 
@@ -165,21 +168,26 @@ def source_kind(source: str) -> str:
     return source.split("/", 1)[0]
 
 
-def default_cascade(steps: Sequence[int] = (30, 20, 20, 15), lr: float = 1e-4, num_generations: int = 8,
-                    prompts_per_step: int = 4, max_completion_length: int = 96, temperature: float = 1.0,
-                    difficulties: Sequence[int] = (2, 3, 4), agg_ratio: float = 0.5, agg_k: int = 2,
+def default_cascade(steps: Sequence[int] = (40, 20, 40, 16), lr: float = 5e-5, num_generations: int = 16,
+                    prompts_per_step: int = 8, max_completion_length: int = 96, temperature: float = 0.8,
+                    difficulties: Sequence[int] = (1, 2), agg_ratio: float = 0.5, agg_k: int = 2,
                     agg_tau: int = 32, optimizer: str = "muon", gym_envs: Sequence[str] | None = None,
-                    lora: bool = False) -> list[RLStage]:
-    """The paper's four stages at CPU scale. Stage 1 and 3 train on the held-out suite's task family (tasks.py, train
-    split), so they are what moves held-out pass@1; stage 2 and 4 add the gym and behavioural signals."""
+                    lora: bool = False, balance: bool = False) -> list[RLStage]:
+    """The paper's four stages at CPU scale. Stage 1 and 3 train on the held-out suite's task families (tasks.py,
+    train split), so they are what moves held-out pass@1; stage 2 runs the adaptive gym over the same families
+    (`tasks/<task>` environments) plus two others, and stage 4 adds the behavioural signal.
+
+    The defaults are the tiny profile's calibration (notebook 06 and the README's RL notes): groups of 16 at
+    temperature 0.8 on levels 1-2, where a tiny SFT model has mixed groups often enough for a learning signal (at
+    8 samples, temperature 1 and levels 2-4, 75-90% of the groups had all-equal rewards), and a small learning rate
+    (Muon's normalised step moves the weights by a fixed amount whatever the signal)."""
     if len(steps) != 4:
         raise ValueError(f"default_cascade: steps must list 4 stage lengths, got {list(steps)}")
     reasoning = {f"tasks/{t}": 1.0 for t in ("add", "sub", "chain_sum", "mul1", "linear_eq", "count_letter")}
     common = dict(learning_rate=lr, num_generations=num_generations, prompts_per_step=prompts_per_step,
                   max_completion_length=max_completion_length, temperature=temperature,
-                  difficulties=tuple(difficulties), optimizer=optimizer, lora=lora)
-    gym_envs = tuple(gym_envs) if gym_envs is not None else ("add", "sub", "chain_sum", "compare", "digit_sum", "mod",
-                                                            "rg/chain_sum", "rg/gcd")
+                  difficulties=tuple(difficulties), optimizer=optimizer, lora=lora, balance=balance)
+    gym_envs = tuple(gym_envs) if gym_envs is not None else (*reasoning, "compare", "rg/chain_sum")
     return [
         RLStage("reasoning_warmup", {**reasoning, "rg/gcd": 0.5, "env/rg/basic_arithmetic": 0.5},
                 ["math", "gym", "reasoning_gym", "format"], [1.0, 1.0, 1.0, 0.1], steps=steps[0], **common),
@@ -726,6 +734,24 @@ def evaluate_heldout(model, tokenizer, problems: Sequence[Problem], max_new_toke
     comps = generate_ids(model, tokenizer, prompts, max_new_tokens, temperature=0.0, batch_size=batch_size)
     texts = tokenizer.batch_decode(comps, skip_special_tokens=False)
     return [verifiers.score_math(t, p.answer) for t, p in zip(texts, problems)]
+
+
+def evaluate_heldout_sampled(model, tokenizer, problems: Sequence[Problem], max_new_tokens: int, k: int = 4,
+                             temperature: float = 1.0, seed: int = 0, batch_size: int = 128) -> list[float]:
+    """Sampled pass@1 per held-out problem: the mean accuracy of `k` samples at `temperature` (the paper's "Pass@1",
+    the mean accuracy over a population of samples; spec §1), through the seeded generation engine, so the same seed
+    gives the same draws for every checkpoint compared."""
+    from zaya_lib.ttc.engine import Engine
+
+    if k <= 0 or not temperature > 0:
+        raise ValueError(f"sampled pass@1 needs k > 0 and temperature > 0, got k={k}, temperature={temperature}")
+    was_training = model.training
+    engine = Engine(model, tokenizer, eos_token_id=tokenizer.convert_tokens_to_ids("<|end|>"), batch_size=batch_size)
+    prompts = [encode_chat(tokenizer, p.question)[0] for p in problems for _ in range(k)]
+    out = engine.generate(prompts, max_new_tokens, temperature=temperature, seed=seed, desc="held-out samples")
+    model.train(was_training)
+    scores = [verifiers.score_math(t, problems[i // k].answer) for i, t in enumerate(out.texts)]
+    return [sum(scores[i * k:(i + 1) * k]) / k for i in range(len(problems))]
 
 
 def paired_difference(before: Sequence[float], after: Sequence[float], n_boot: int = 2000, seed: int = 0) -> dict:

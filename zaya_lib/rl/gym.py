@@ -5,7 +5,8 @@ Notable features:
   (deterministic in (seed, difficulty)), `verify(problem, completion) -> {"reward", "accuracy", "format"}`.
   Answers are read with the project's extraction rule (`zaya_lib.rl.verifiers.extract_answer`: after `</think>`,
   last balanced `\\boxed{}`); accuracy = reward >= 1, as RLVE's verifier does.
-- Environments: our own procedural arithmetic/list tasks whose difficulty is a number of digits/terms, and
+- Environments: our own procedural arithmetic/list tasks whose difficulty is a number of digits/terms, the
+  `zaya_lib.data.tasks` families SFT trained on (`tasks/<task>`, difficulty = the task's level - 1), and
   reasoning-gym datasets (`rg/<name>`) whose difficulty drives the dataset's curriculum via `set_global_level`
   (clamped at the curriculum's last level) and which are scored by the dataset's own `score_answer`.
 - `DifficultyController`: RLVE's rule exactly (slime `RLVEManager`): upper bound h starts at 0; difficulties are
@@ -198,12 +199,37 @@ class ReasoningGymEnv:
         return _result(score_reasoning_gym(text, entry, self.task), extract_answer(text))
 
 
+# ---------------------------------------------------------------------------------------------------- tasks.py families
+class TaskEnv(_OwnEnv):
+    """A `zaya_lib.data.tasks` family as an environment (`tasks/<task>`): the problems SFT trained on, in the same
+    prompt format (the bare question, no boxed hint: SFT taught the `\\boxed{}` answer), training split only. Gym
+    difficulty h is the task's level h + 1, clamped to its top level (the held-out suite's level 2 is h = 1)."""
+
+    def __init__(self, task: str):
+        from zaya_lib.data.tasks import MAX_DIFFICULTY
+
+        self.task = task
+        self.name = f"tasks/{task}"
+        self.max_difficulty = MAX_DIFFICULTY - 1
+
+    def generate(self, seed: int, difficulty: int) -> dict:
+        from zaya_lib.data.tasks import make_problems
+
+        if difficulty < 0:
+            raise ValueError(f"{self.name}: difficulty must be >= 0, got {difficulty}")
+        level = min(difficulty, self.max_difficulty) + 1
+        p = make_problems(self.task, 1, seed=seed, difficulty=level, split="train")[0]
+        return {"prompt": p.question, "answer": p.answer,
+                "metadata": {"env": self.name, "difficulty": difficulty, "level": level, "seed": seed}}
+
+
 # Reasoning-gym tasks a tiny model can learn: short arithmetic/string answers, curricula from trivial upwards.
 RG_TASKS = ("chain_sum", "basic_arithmetic", "products", "gcd", "lcm", "count_bits", "spell_backward", "letter_counting")
 _OWN = (Addition, Subtraction, Multiplication, ChainSum, Comparison, DigitSum, SortList, Modular)
 
 ENVIRONMENTS: dict[str, Environment] = {e.name: e for e in [cls() for cls in _OWN]}
 ENVIRONMENTS.update({f"rg/{t}": ReasoningGymEnv(t) for t in RG_TASKS})
+ENVIRONMENTS.update({f"tasks/{t}": TaskEnv(t) for t in ("add", "sub", "chain_sum", "mul1", "linear_eq", "count_letter")})
 
 
 def get_environment(name: str) -> Environment:

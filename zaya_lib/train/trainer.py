@@ -38,7 +38,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..utils import atomic_write_text, progress
 from . import distributed as dist_utils
@@ -338,12 +337,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def _token_losses(model, inputs_bT, labels_bT, position_ids, cp) -> torch.Tensor:
-    """Per-token cross entropy [b, T] in fp32 (labels already aligned with inputs; -100 = no target)."""
+    """Per-token cross entropy [b, T] in fp32 (labels already aligned with inputs; -100 = no target), through the
+    model's fused head + cross-entropy (`targets=`; no [b, T, V] logits leave the model)."""
     kw = {"cp": cp, "position_ids": position_ids} if cp is not None else {}
-    logits = model(input_ids=inputs_bT, **kw).logits
-    V = logits.shape[-1]
-    return F.cross_entropy(logits.float().reshape(-1, V), labels_bT.reshape(-1), ignore_index=-100,
-                           reduction="none").view(labels_bT.shape)
+    return model(input_ids=inputs_bT, targets=labels_bT, **kw).token_losses
 
 
 def _routing_summary(stats: list[dict]) -> dict:

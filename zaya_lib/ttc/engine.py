@@ -40,6 +40,16 @@ class GenerationOutput:
     num_generated: list[int]
 
 
+def _draw(probs_BV: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One index per row [B, 1] with probability proportional to `probs_BV` (rows need not sum to 1), by inverting
+    the cumulative distribution at one uniform draw per row. `torch.multinomial` draws an exponential variate per
+    vocabulary entry instead (B * V random numbers a step); this needs B. Zero-probability entries are never drawn:
+    the first index whose running sum exceeds u is taken, and a zero entry does not raise the sum."""
+    cdf_BV = probs_BV.cumsum(dim=-1)
+    u_B1 = torch.rand(probs_BV.shape[0], 1, generator=generator, device=probs_BV.device) * cdf_BV[:, -1:]
+    return torch.searchsorted(cdf_BV, u_B1, right=True).clamp_(max=probs_BV.shape[-1] - 1)
+
+
 def sample_next(logits_BV: torch.Tensor, temperature: float, top_p: float,
                 generator: torch.Generator | None) -> torch.Tensor:
     """Next token per row [B] from last-position logits [B, V]. temperature 0 = greedy; top_p < 1 keeps the smallest
@@ -51,10 +61,9 @@ def sample_next(logits_BV: torch.Tensor, temperature: float, top_p: float,
         sorted_logits, order_BV = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above this one
-        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
-        pick = torch.multinomial(sorted_logits.softmax(dim=-1), 1, generator=generator)  # [B, 1] rank
+        pick = _draw(probs.masked_fill(mass_before >= top_p, 0.0), generator)  # [B, 1] rank
         return order_BV.gather(-1, pick).squeeze(-1)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    return _draw(logits.softmax(dim=-1), generator).squeeze(-1)
 
 
 def _check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
