@@ -74,6 +74,32 @@ def test_fuzz_math_judge_never_crashes(text, gold):
     assert V.score_math(text, gold) in (0.0, 1.0)
 
 
+_arith_alphabet = st.sampled_from(list("0123456789+-*/= x.\n") + ["<think>", "</think>", "99999999999999"])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(_fuzz_text, st.lists(_arith_alphabet, max_size=80).map("".join)))
+def test_fuzz_arithmetic_steps_never_crash(text):
+    ok, total = V.arithmetic_steps(text)
+    assert 0 <= ok <= total
+    assert V.arithmetic_steps_reward([""], [text]) == [ok / total if total else 0.0]
+
+
+def test_arithmetic_steps_reward_scores_the_chain():
+    right = "<think>8+4=12 c1 6+3+1=10 c1 3+9+1=13 c1 →1302</think>\\boxed{1302}"
+    assert V.arithmetic_steps(right) == (3, 3)
+    # two slips out of three steps (the model's real mistakes), and precedence in a multiplication chain
+    assert V.arithmetic_steps("<think>1+0=0 5+2=6 6+4=10 c1 →106</think>\\boxed{106}") == (1, 3)
+    assert V.arithmetic_steps("<think>3*7+4=25 c2 9*7+2=65 c6</think>") == (2, 2)
+    # linear equations: the chained form checks both steps; a wrong integer division is wrong
+    assert V.arithmetic_steps("<think>7x=130-11=119 x=119/7=17 →17</think>") == (2, 2)
+    assert V.arithmetic_steps("<think>6x=31-7=16 x=16/6=5 →5</think>") == (0, 2)
+    # only the reasoning counts; no equation, division by zero, or an equation in the final answer: no credit
+    assert V.arithmetic_steps("<think>e p l</think>\\boxed{2+2=4}") == (0, 0)
+    assert V.arithmetic_steps("<think>1/0=3</think>") == (0, 1)
+    assert V.arithmetic_steps_reward(["", ""], [right, "<think>c w x</think>\\boxed{0}"]) == [1.0, 0.0]
+
+
 def test_pathological_box_nesting_is_fast():
     text = "\\boxed{" * 5000 + "x"
     t = time.perf_counter()

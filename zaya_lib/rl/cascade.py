@@ -117,6 +117,7 @@ REWARD_KINDS: dict[str, frozenset[str]] = {
     "code": frozenset({"code"}),
     "instruction": frozenset({"instruct"}),
     "instruction_strict": frozenset({"instruct"}),
+    "arithmetic_steps": frozenset({"tasks", "env", "gym"}),
 }
 # Every row has every column (one schema per dataset); unused ones are "" / 0.
 COLUMNS = ("prompt", "kind", "source", "answer", "task", "question", "env", "difficulty", "problem", "tests",
@@ -180,7 +181,10 @@ def default_cascade(steps: Sequence[int] = (40, 20, 40, 16), lr: float = 5e-5, n
     The defaults are the tiny profile's calibration (notebook 06 and the README's RL notes): groups of 16 at
     temperature 0.8 on levels 1-2, where a tiny SFT model has mixed groups often enough for a learning signal (at
     8 samples, temperature 1 and levels 2-4, 75-90% of the groups had all-equal rewards), and a small learning rate
-    (Muon's normalised step moves the weights by a fixed amount whatever the signal)."""
+    (Muon's normalised step moves the weights by a fixed amount whatever the signal). Reasoning rows also get the
+    arithmetic process reward at weight 0.5 (the fraction of right equations in the chain of thought): the tiny
+    model's errors are single-step slips (`1+0=0`), and the outcome reward alone ranks a group only when one of its
+    samples gets everything right (README, RL notes)."""
     if len(steps) != 4:
         raise ValueError(f"default_cascade: steps must list 4 stage lengths, got {list(steps)}")
     reasoning = {f"tasks/{t}": 1.0 for t in ("add", "sub", "chain_sum", "mul1", "linear_eq", "count_letter")}
@@ -188,16 +192,18 @@ def default_cascade(steps: Sequence[int] = (40, 20, 40, 16), lr: float = 5e-5, n
                   max_completion_length=max_completion_length, temperature=temperature,
                   difficulties=tuple(difficulties), optimizer=optimizer, lora=lora, balance=balance)
     gym_envs = tuple(gym_envs) if gym_envs is not None else (*reasoning, "compare", "rg/chain_sum")
+    steps_w = 0.5  # the arithmetic process reward (verifiers.arithmetic_steps_reward) next to the outcome rewards
     return [
         RLStage("reasoning_warmup", {**reasoning, "rg/gcd": 0.5, "env/rg/basic_arithmetic": 0.5},
-                ["math", "gym", "reasoning_gym", "format"], [1.0, 1.0, 1.0, 0.1], steps=steps[0], **common),
-        RLStage("gym_curriculum", {"gym": 1.0}, ["gym", "format"], [1.0, 0.1], steps=steps[1], gym_envs=gym_envs,
-                **common),
+                ["math", "gym", "reasoning_gym", "arithmetic_steps", "format"], [1.0, 1.0, 1.0, steps_w, 0.1],
+                steps=steps[0], **common),
+        RLStage("gym_curriculum", {"gym": 1.0}, ["gym", "arithmetic_steps", "format"], [1.0, steps_w, 0.1],
+                steps=steps[1], gym_envs=gym_envs, **common),
         RLStage("math_code_ttc", {**reasoning, "code/sum_list": 0.3, "code/reverse_words": 0.3},
-                ["math", "code", "format"], [1.0, 1.0, 0.1], steps=steps[2], agg_ratio=agg_ratio, agg_k=agg_k,
-                agg_tau=agg_tau, max_prompt_length=384, **common),
+                ["math", "code", "arithmetic_steps", "format"], [1.0, 1.0, steps_w, 0.1], steps=steps[2],
+                agg_ratio=agg_ratio, agg_k=agg_k, agg_tau=agg_tau, max_prompt_length=384, **common),
         RLStage("behavioural", {"instruct": 2.0, **{k: 1.0 / 3 for k in reasoning}},
-                ["instruction", "math"], [1.0, 1.0], steps=steps[3], **common),
+                ["instruction", "math", "arithmetic_steps"], [1.0, 1.0, steps_w], steps=steps[3], **common),
     ]
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "BulletCount", "EndsWith", "StartsWith", "AllLowercase", "NoCommas", "CONSTRAINT_TYPES", "constraint_from_dict",
     "constraints_from_json", "constraints_to_json", "sample_constraints", "make_instruction_prompt",
     "sample_instruction_example", "math_reward", "reasoning_gym_reward", "code_reward", "instruction_reward",
+    "arithmetic_steps", "arithmetic_steps_reward",
     "instruction_strict_reward", "format_reward", "gym_reward", "REWARD_FUNCTIONS", "get_reward",
 ]
 
@@ -620,6 +621,58 @@ def format_reward(prompts: Sequence, completions: Sequence, **kwargs: Any) -> li
     return out
 
 
+_EQUATION = re.compile(r"(?<![\w.])(\d{1,12}(?:\s*[-+*/]\s*\d{1,12}){1,6})\s*=\s*(-?\d{1,13})(?![\w.])")
+
+
+def _arith_value(expr: str) -> Fraction | None:
+    """Exact value of an integer expression of + - * / (usual precedence), or None (division by zero)."""
+    import ast
+
+    def ev(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return Fraction(node.value)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div)):
+            a, b = ev(node.left), ev(node.right)
+            if isinstance(node.op, ast.Add):
+                return a + b
+            if isinstance(node.op, ast.Sub):
+                return a - b
+            if isinstance(node.op, ast.Mult):
+                return a * b
+            return a / b
+        raise ValueError(expr)
+
+    try:
+        return ev(ast.parse(expr.replace(" ", ""), mode="eval").body)
+    except (ValueError, SyntaxError, ZeroDivisionError):
+        return None
+
+
+def arithmetic_steps(text: str) -> tuple[int, int]:
+    """(correct, total) over the equations `a op b [op c ...] = n` in the reasoning (the text inside
+    `<think>...</think>`, or all of it when there is no think block): each left side is evaluated exactly (integers,
+    + - * / with the usual precedence; at most 7 numbers of at most 12 digits) and compared with n."""
+    text = completion_to_text(text)
+    m = re.search(r"<think>(.*?)(?:</think>|$)", text, flags=re.S)
+    body = m.group(1) if m else text
+    ok = total = 0
+    for lhs, rhs in _EQUATION.findall(body[:20_000]):
+        total += 1
+        ok += _arith_value(lhs) == int(rhs)
+    return ok, total
+
+
+def arithmetic_steps_reward(prompts: Sequence, completions: Sequence, **kwargs: Any) -> list[float]:
+    """A process reward for the arithmetic chains of thought: the fraction of the reasoning's equations that are
+    right (`arithmetic_steps`), 0.0 when there is none. Dense where the outcome reward is sparse: a group whose
+    answers are all wrong still ranks its samples by how many steps they got right."""
+    out = []
+    for c in completions:
+        ok, total = arithmetic_steps(c)
+        out.append(ok / total if total else 0.0)
+    return out
+
+
 def gym_reward(prompts: Sequence, completions: Sequence, **kwargs: Any) -> list[float]:
     """Stateless gym verification: column `env` (environment name) and `problem` (dict or JSON from `Gym`)."""
     from zaya_lib.rl.gym import get_environment
@@ -638,6 +691,7 @@ REWARD_FUNCTIONS: dict[str, Callable[..., list[float]]] = {
     "instruction_strict": instruction_strict_reward,
     "format": format_reward,
     "gym": gym_reward,
+    "arithmetic_steps": arithmetic_steps_reward,
 }
 
 
