@@ -15,7 +15,8 @@ from zaya_lib.data.tasks import make_problems
 from zaya_lib.data.tokenizer import train_tokenizer
 from zaya_lib.model import ZayaForCausalLM
 from zaya_lib.rl import cascade as C
-from zaya_lib.rl.muon import MuonAdamW, newton_schulz, split_muon_params
+from zaya_lib.rl.muon import muon_adamw
+from zaya_lib.train.optim import newton_schulz_batched, split_params
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +101,7 @@ def test_steps_per_generation_gives_one_step_stale_rollouts_with_importance_rati
     args = C.make_grpo_config(stage, "/tmp/zaya-test-trl", seed=0, max_steps=1)
     tr = GRPOTrainer(model=model, reward_funcs=C.make_reward_funcs(stage, tok), args=args,
                      train_dataset=ds.as_iterable(), processing_class=tok,
-                     optimizers=(MuonAdamW(model, lr=stage.learning_rate), None))
+                     optimizers=(muon_adamw(model, lr=stage.learning_rate), None))
     tr.train()
     assert len(tr._buffered_inputs) == 2  # one generation served two optimizer steps
     stale = tr._buffered_inputs[1]
@@ -131,10 +132,10 @@ def test_no_router_aux_loss(tok):
 # ---------------------------------------------------------------------------------------------------- Muon
 def test_muon_groups_only_2d_hidden_weights(tok):
     model = _model(tok)
-    parts = split_muon_params(model)
+    parts = split_params(model)
     assert parts["muon"] and all(p.ndim == 2 for _, p in parts["muon"])
     assert not any("embed_tokens" in n or "lm_head" in n for n, _ in parts["muon"])
-    assert {n.rsplit(".", 1)[-1] for n, _ in parts["experts"]} == {"gate_up_proj", "down_proj"}
+    assert {n.rsplit(".", 1)[-1] for n, _ in parts["expert_muon"]} == {"gate_up_proj", "down_proj"}
     adam = dict(parts["adamw"])
     assert "model.embed_tokens.weight" in adam and all(p.ndim != 2 or "embed" in n for n, p in adam.items())
     assert any(p.ndim == 3 for p in adam.values())  # the depthwise convs are 3-D but not experts: AdamW
@@ -144,7 +145,7 @@ def test_muon_groups_only_2d_hidden_weights(tok):
 
 def test_per_expert_update_is_near_orthogonal_and_momentum_free(tok):
     model = _model(tok)
-    opt = MuonAdamW(model, lr=0.1)
+    opt = muon_adamw(model, lr=0.1)
     W = model.model.layers[0].mlp.experts.gate_up_proj  # [E, 2F, D]: rectangular, so well conditioned
     g = torch.randn_like(W)
     g[3] = 0.0  # an expert that received no token
@@ -170,13 +171,14 @@ def test_per_expert_update_is_near_orthogonal_and_momentum_free(tok):
     torch.testing.assert_close(w1 - W.detach(), w0 - w1, atol=1e-6, rtol=1e-4)
     # the torch.optim.Muon part is momentum-free too
     assert all(grp["momentum"] == 0.0 and grp["nesterov"] is False for grp in opt.opts["muon"].param_groups)
-    assert torch.allclose(newton_schulz(torch.zeros(2, 4, 3)), torch.zeros(2, 4, 3))
+    assert not opt.opts["expert_muon"].state  # no momentum buffer is even kept for the experts
+    assert torch.allclose(newton_schulz_batched(torch.zeros(2, 4, 3)), torch.zeros(2, 4, 3))
 
 
 def test_param_groups_are_live_for_the_lr_schedule(tok):
     model = _model(tok)
-    opt = MuonAdamW(model, lr=1e-3)
-    assert set(opt.opts) == {"muon", "experts", "adamw"}
+    opt = muon_adamw(model, lr=1e-3)
+    assert set(opt.opts) == {"muon", "expert_muon", "adamw"}
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** (s + 1))
     for o in opt.opts.values():
         assert all(g["lr"] == pytest.approx(5e-4) for g in o.param_groups)
@@ -184,7 +186,7 @@ def test_param_groups_are_live_for_the_lr_schedule(tok):
     sched.step()
     for o in opt.opts.values():
         assert all(g["lr"] == pytest.approx(2.5e-4) for g in o.param_groups)
-    base = MuonAdamW(model, lr=1e-3, muon=False)
+    base = muon_adamw(model, lr=1e-3, muon=False)
     assert set(base.opts) == {"adamw"}  # the AdamW baseline of the notebook's comparison
 
 

@@ -73,7 +73,7 @@ Rollouts (asynchronous generation, one step off-policy):
 LoRA: `RLStage(lora=True)` wraps the policy with peft (`LORA_TARGETS`: the CCA projections; `target_parameters` for
 the stacked experts, environment.md appendix §3), trains only the adapters, and merges them before the checkpoint.
 
-Optimizer: momentum-free Muon + AdamW (`zaya_lib.rl.muon.MuonAdamW`, `RLStage.optimizer="muon"`) or AdamW everywhere
+Optimizer: momentum-free Muon + AdamW (`zaya_lib.rl.muon.muon_adamw`, `RLStage.optimizer="muon"`) or AdamW everywhere
 (`"adamw"`), passed to TRL as `optimizers=(opt, None)`; TRL's scheduler reaches both through the live param_groups.
 """
 from __future__ import annotations
@@ -97,7 +97,7 @@ from zaya_lib.data.tasks import MAX_DIFFICULTY, TASKS, Problem, make_problems
 from zaya_lib.data.tokenizer import encode_chat, render_chat
 from zaya_lib.rl import verifiers
 from zaya_lib.rl.gym import BOXED_HINT, ENVIRONMENTS, Gym, get_environment
-from zaya_lib.rl.muon import MuonAdamW
+from zaya_lib.rl.muon import muon_adamw
 from zaya_lib.utils import atomic_write_json, progress, progress_enabled
 
 __all__ = [
@@ -570,7 +570,7 @@ def run_stage(model, tokenizer, stage: RLStage, gym: Gym | None = None, seed: in
         dataset = build_stage_dataset(stage, tokenizer, model, gym, seed)
     data_seconds = time.time() - t0
     policy = _wrap_lora(model, stage) if stage.lora else model
-    opt = MuonAdamW(policy, lr=stage.learning_rate, muon=stage.optimizer == "muon")
+    opt = muon_adamw(policy, lr=stage.learning_rate, muon=stage.optimizer == "muon")
     bal = BalancingCallback(policy, update=stage.balance, gym=gym)
     _base_zaya(policy).reset_routing_stats()
     tmp = work_dir or tempfile.mkdtemp(prefix="trl-")
@@ -649,40 +649,17 @@ def _save_stage(model, tokenizer, gym: Gym | None, path: Path, record: dict) -> 
 
 
 def save_policy(model, tokenizer, path: str | os.PathLike) -> Path:
-    """`save_pretrained` model + tokenizer into `path` atomically (temp folder, then one rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        _base_zaya(model).save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        old = path.parent / f".{path.name}.old-{os.getpid()}"
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    """The policy (LoRA merged, peft wrapper removed) as a phase checkpoint at `path` (atomic)."""
+    from zaya_lib.train.trainer import save_hf_checkpoint
+
+    return save_hf_checkpoint(_base_zaya(model), tokenizer, path)
 
 
 def load_policy(path: str | os.PathLike, device="cpu"):
-    """(model, tokenizer) from a checkpoint folder (e.g. `run_dir/checkpoints/sft`); the tokenizer from the same folder,
-    else `<run_dir>/tokenizer`. A missing checkpoint is named in the error."""
-    from zaya_lib.data.tokenizer import load_tokenizer
-    from zaya_lib.model import ZayaForCausalLM
+    """(model, tokenizer) from a checkpoint folder (e.g. `run_dir/checkpoints/sft`); a missing one is named."""
+    from zaya_lib.train.sft import load_hf_checkpoint
 
-    from transformers.utils import logging as hf_logging
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no checkpoint at {str(path)!r} (config.json missing): run notebook 05_sft first")
-    if not progress_enabled():
-        hf_logging.disable_progress_bar()
-    model = ZayaForCausalLM.from_pretrained(path).to(device)
-    tok_dir = path if (path / "tokenizer.json").is_file() else path.parent.parent / "tokenizer"
-    return model, load_tokenizer(tok_dir)
+    return load_hf_checkpoint(path, device=device)
 
 
 def load_stage(model, path: str | os.PathLike, gym: Gym | None = None) -> dict:

@@ -11,8 +11,9 @@ Notable features:
   same update to each expert's own matrix: momentum, Newton-Schulz orthogonalisation of every slice at once (a batched
   form of torch's quintic iteration, same coefficients; bf16 on GPUs, fp32 on the CPU), per-slice RMS matching. An expert that
   received no token has a zero gradient slice and orthogonalises to zero (only momentum and decay move it).
-- `Optimizers` groups the two or three optimizers behind one object (live `param_groups`, one `state_dict`), so the
-  trainer, a checkpoint and TRL see a single optimizer (environment.md appendix §4 gotcha: the groups must be live).
+- `Optimizers` groups the two or three optimizers behind one `torch.optim.Optimizer` (live `param_groups`, one
+  `state_dict`), so the trainer, a checkpoint and TRL see a single optimizer (environment.md appendix §4 gotcha: the
+  groups must be live). The RL cascade's momentum-free variant is the same object (`zaya_lib.rl.muon`).
 - `wsd_lr` is the warmup-stable-decay schedule (linear warmup, flat, linear decay to `min_ratio` over the last
   `decay_frac` of the steps); a pure function of the step, so a resumed run needs only the step number.
 """
@@ -89,12 +90,15 @@ class ExpertMuon(torch.optim.Optimizer):
             for p in g["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p.grad)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - g["momentum"])
-                upd = p.grad.lerp(buf, g["momentum"]) if g["nesterov"] else buf
+                if g["momentum"] == 0.0:  # momentum-free (the RL cascade): the raw gradient, no buffer kept
+                    upd = p.grad
+                else:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p.grad)
+                    buf = state["momentum_buffer"]
+                    buf.lerp_(p.grad, 1 - g["momentum"])
+                    upd = p.grad.lerp(buf, g["momentum"]) if g["nesterov"] else buf
                 upd = newton_schulz_batched(upd, g["ns_coefficients"], g["ns_steps"], g["eps"])
                 A, B = p.shape[1:]
                 if g["adjust_lr_fn"] == "match_rms_adamw":
@@ -103,23 +107,41 @@ class ExpertMuon(torch.optim.Optimizer):
                     ratio = math.sqrt(max(1.0, A / B))
                 else:
                     raise ValueError(f"unknown adjust_lr_fn {g['adjust_lr_fn']!r}")
-                p.mul_(1 - g["lr"] * g["weight_decay"])
+                if g["weight_decay"]:
+                    p.mul_(1 - g["lr"] * g["weight_decay"])
                 p.add_(upd.to(p.dtype), alpha=-g["lr"] * ratio)
 
 
-class Optimizers:
-    """Several optimizers stepped as one; `param_groups` is live (a schedule that sets `lr` reaches all of them)."""
+class Optimizers(torch.optim.Optimizer):
+    """Several optimizers stepped as one: the trainer's, a checkpoint's and TRL's single optimizer.
 
-    def __init__(self, opts: dict[str, torch.optim.Optimizer]):
+    `param_groups` is a live property over the sub-optimizers' groups (environment.md appendix §4 gotcha): an LR
+    schedule (ours, or the transformers/TRL scheduler after accelerate's `load_state_dict`) writes `group["lr"]` into
+    the very dicts the sub-optimizers read. Deliberately does not call `Optimizer.__init__`, so nothing can hold a
+    stale copy of the groups; the hook tables are what torch's `Optimizer` machinery (schedulers, accelerate) expects.
+    """
+
+    def __init__(self, opts: dict[str, torch.optim.Optimizer], names: dict[str, list[str]] | None = None):
         self.opts = opts
+        self.names = names or {}
+        self.defaults = {"lr": next(iter(self.param_groups))["lr"]} if self.param_groups else {}
+        self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
+        self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks = {}, {}
+        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = {}, {}
 
     @property
     def param_groups(self) -> list[dict]:
         return [g for o in self.opts.values() for g in o.param_groups]
 
-    def step(self) -> None:
+    @property
+    def state(self):  # read-only merged view (accelerate/transformers only inspect it)
+        return {p: s for o in self.opts.values() for p, s in o.state.items()}
+
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
         for o in self.opts.values():
             o.step()
+        return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for o in self.opts.values():
@@ -134,9 +156,13 @@ class Optimizers:
         for k, o in self.opts.items():
             o.load_state_dict(sd[k])
 
+    def __repr__(self) -> str:
+        return "Optimizers(" + ", ".join(f"{k}: {len(self.names.get(k, []))} tensors" for k in self.opts) + ")"
+
 
 def build_optimizers(model: nn.Module, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95),
-                     muon_momentum: float = 0.95, muon_experts: bool = True, use_muon: bool = True) -> Optimizers:
+                     muon_momentum: float = 0.95, muon_experts: bool = True, use_muon: bool = True,
+                     nesterov: bool = True) -> Optimizers:
     """Muon (+ ExpertMuon) and AdamW over the model's parameters with one base learning rate.
 
     Weight decay applies to the matrices (Muon groups and the embedding); norms, biases, scales and temperatures get
@@ -144,20 +170,23 @@ def build_optimizers(model: nn.Module, lr: float, weight_decay: float = 0.0, bet
     groups = split_params(model, muon_experts=muon_experts and use_muon)
     if not use_muon:
         groups = {"muon": [], "expert_muon": [], "adamw": groups["muon"] + groups["expert_muon"] + groups["adamw"]}
+    if not any(groups.values()):
+        raise ValueError("build_optimizers: the model has no trainable parameters")
     decay = [p for n, p in groups["adamw"] if p.ndim >= 2]
     no_decay = [p for n, p in groups["adamw"] if p.ndim < 2]
     opts: dict[str, torch.optim.Optimizer] = {}
     if groups["muon"]:
         opts["muon"] = torch.optim.Muon([p for _, p in groups["muon"]], lr=lr, weight_decay=weight_decay,
-                                        momentum=muon_momentum, nesterov=True, adjust_lr_fn="match_rms_adamw")
+                                        momentum=muon_momentum, nesterov=nesterov, adjust_lr_fn="match_rms_adamw")
     if groups["expert_muon"]:
         opts["expert_muon"] = ExpertMuon([p for _, p in groups["expert_muon"]], lr=lr, weight_decay=weight_decay,
-                                         momentum=muon_momentum, nesterov=True, adjust_lr_fn="match_rms_adamw")
-    opts["adamw"] = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas, eps=1e-8)
+                                         momentum=muon_momentum, nesterov=nesterov, adjust_lr_fn="match_rms_adamw")
+    if groups["adamw"]:  # (LoRA: only 2-D adapters train, all on Muon)
+        opts["adamw"] = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                           {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas, eps=1e-8)
     for g in [g for o in opts.values() for g in o.param_groups]:
         g["base_lr"] = lr
-    return Optimizers(opts)
+    return Optimizers(opts, {k: [n for n, _ in v] for k, v in groups.items()})
 
 
 def wsd_lr(step: int, total_steps: int, warmup_steps: int, decay_frac: float = 0.2, min_ratio: float = 0.0) -> float:

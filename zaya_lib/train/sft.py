@@ -32,10 +32,9 @@ Shapes: N windows, W window (= seq_len), V vocabulary.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
-import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,11 +49,11 @@ from ..data.tasks import Problem
 from ..data.tokenizer import encode_chat
 from ..data.trimming import TrimStats, chat_ids, encode_turns, split_thinking, trim
 from .context_parallel import check_divisible
-from .trainer import TrainData
+from .trainer import TrainData, save_hf_checkpoint
 
 __all__ = ["SFT_CATEGORIES", "check_sft_params", "encode_sft_chat", "trimmed_chat_samples", "aggregation_samples",
            "problem_pool", "build_sft_mix", "pack_sft_data", "sft_labels", "stop_ids", "engine_sampler",
-           "save_hf_checkpoint", "load_hf_checkpoint", "plain_sft_chats", "train_noagg_variant",
+           "save_hf_checkpoint", "load_hf_checkpoint", "checkpoint_tokenizer", "plain_sft_chats", "train_noagg_variant",
            "evaluate_pass1", "evaluate_aggregation", "AggregationEval"]
 
 SFT_CATEGORIES = ("reasoning", "instruct", "aggregation")
@@ -250,39 +249,16 @@ def sft_labels(tokens_NT1: torch.Tensor, loss_mask_NT1: torch.Tensor) -> torch.T
 # checkpoints
 
 
-def save_hf_checkpoint(model, tokenizer, path: str | os.PathLike, extra: dict | None = None) -> Path:
-    """`save_pretrained` model (+ tokenizer) into a temp folder next to `path`, then swap it into place: a reader
-    sees the old checkpoint or the new one, never a partial one."""
-    import json
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if extra is not None:
-            (tmp / "sft_info.json").write_text(json.dumps(extra, indent=2) + "\n")
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
-
-
 def load_hf_checkpoint(path: str | os.PathLike, device="cpu"):
     """(model, tokenizer) from a phase checkpoint folder; the tokenizer from the same folder, else
-    `<run_dir>/tokenizer`."""
-    from ..data.tokenizer import load_tokenizer
-    from ..model import ZayaForCausalLM
+    `<run_dir>/tokenizer`. The one reader of the phases' checkpoints (`save_hf_checkpoint` writes them)."""
+    from transformers.utils import logging as hf_logging
 
+    from ..model import ZayaForCausalLM
+    from ..utils import progress_enabled
+
+    if not progress_enabled():
+        hf_logging.disable_progress_bar()
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no Hugging Face checkpoint at {str(path)!r} (config.json missing); run the earlier "
@@ -293,8 +269,15 @@ def load_hf_checkpoint(path: str | os.PathLike, device="cpu"):
             r.load_counts = torch.zeros(r.K, device=device)
             r.prob_sum = torch.zeros(r.K, device=device)
             r.entropy_sum = torch.zeros((), device=device)
-    tok_dir = path if (path / "tokenizer.json").is_file() else path.parent.parent / "tokenizer"
-    return model, load_tokenizer(tok_dir)
+    return model, checkpoint_tokenizer(path)
+
+
+def checkpoint_tokenizer(path: str | os.PathLike):
+    """The tokenizer of a phase checkpoint folder (its own copy, else `<run_dir>/tokenizer`), without the weights."""
+    from ..data.tokenizer import load_tokenizer
+
+    path = Path(path)
+    return load_tokenizer(path if (path / "tokenizer.json").is_file() else path.parent.parent / "tokenizer")
 
 
 def run_sft(init_dir: str | os.PathLike, train_data: TrainData, out_dir: str | os.PathLike, rope_theta: float,
@@ -313,10 +296,10 @@ def run_sft(init_dir: str | os.PathLike, train_data: TrainData, out_dir: str | o
     t0 = time.perf_counter()
     hist = train(model, train_data, cfg, metrics_path=metrics_path, resume=False)
     wall = time.perf_counter() - t0
-    save_hf_checkpoint(model, tok, out_dir, extra={"init": str(init_dir), "rope_theta_before": theta_before,
-                                                   "rope_theta": rope_theta, "seq_len": train_data.seq_len,
-                                                   "steps": cfg.steps, "batch_size": cfg.batch_size,
-                                                   "train_wall_s": wall, "final_loss": hist[-1]["loss"]})
+    info = {"init": str(init_dir), "rope_theta_before": theta_before, "rope_theta": rope_theta,
+            "seq_len": train_data.seq_len, "steps": cfg.steps, "batch_size": cfg.batch_size, "train_wall_s": wall,
+            "final_loss": hist[-1]["loss"]}
+    save_hf_checkpoint(model, tok, out_dir, extra_files={"sft_info.json": json.dumps(info, indent=2) + "\n"})
     return model, hist, wall
 
 
@@ -348,7 +331,7 @@ def train_noagg_variant(run_dir: str | os.PathLike, sft_params: dict, device="cp
         raise KeyError(f"train_noagg_variant: SFT parameters {missing} missing (expected the params of 05_sft.json)")
     p = sft_params
     run = Path(run_dir)
-    tok = load_hf_checkpoint(run / "checkpoints" / p["sft_init_phase"])[1]
+    tok = checkpoint_tokenizer(run / "checkpoints" / p["sft_init_phase"])
     chats = plain_sft_chats(p["sft_n_reasoning"], p["sft_reasoning_max_difficulty"], p["sft_n_instruct"], p["seed"])
     _, plain, _ = build_sft_mix(tok, chats, p["sft_seq_len"], 0.0, 1, 1, seed=p["seed"])
     data, packed = pack_sft_data(plain, p["sft_seq_len"], pad_id=tok.pad_token_id, seed=p["seed"])

@@ -301,9 +301,11 @@ def _save_checkpoint(ckpt_dir: Path, step: int, state: dict, keep: int) -> Path:
     return final
 
 
-def save_hf_checkpoint(model, tokenizer, path: str | os.PathLike) -> Path:
-    """`save_pretrained` of the model (config.json + safetensors, transformers' ZAYA layout) and the tokenizer into
-    `path`, atomically: written in a hidden temp dir next to it, then swapped in by rename."""
+def save_hf_checkpoint(model, tokenizer, path: str | os.PathLike, extra_files: dict[str, str] | None = None) -> Path:
+    """`save_pretrained` of the model (config.json + safetensors, transformers' ZAYA layout), the tokenizer and any
+    `extra_files` ({name: text}) into `path`, atomically: written in a hidden temp dir next to it, then swapped in by
+    rename, so a reader sees the old checkpoint or the new one, never a partial one. The one writer of every phase's
+    checkpoint (pretraining, midtraining, SFT, RL)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
@@ -311,6 +313,8 @@ def save_hf_checkpoint(model, tokenizer, path: str | os.PathLike) -> Path:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".old-{path.name}-", dir=path.parent))
             os.replace(path, old / "x")
