@@ -300,6 +300,30 @@ def test_rope_theta_switch_persists(tmp_path):
         torch.testing.assert_close(loaded(ids).logits, after, atol=ATOL, rtol=0)
 
 
+def test_linear_cross_entropy_blocks_match_the_plain_path():
+    # A vocabulary large enough for 16-row blocks, and 53 rows: 4 blocks, the last one partial, some rows ignored.
+    from zaya_lib.model.modeling import _ce_block_rows, linear_cross_entropy
+
+    V, D, N = 65536, 8, 53
+    assert _ce_block_rows(V) == 16
+    torch.manual_seed(0)
+    h = torch.randn(N, D, dtype=torch.float64, requires_grad=True)
+    W = (0.3 * torch.randn(V, D, dtype=torch.float64)).requires_grad_()
+    t = torch.randint(0, V, (N,))
+    t[[0, 17, 52]] = -100
+    g = torch.rand(N, dtype=torch.float64)
+    fused = linear_cross_entropy(h, W, t)
+    (fused * g).sum().backward()
+    gh, gW = h.grad.clone(), W.grad.clone()
+    h.grad = W.grad = None
+    plain = torch.nn.functional.cross_entropy(h @ W.t(), t, reduction="none")
+    (plain * g).sum().backward()
+    # float64: only the summation order differs
+    torch.testing.assert_close(fused, plain, atol=1e-10, rtol=0)
+    torch.testing.assert_close(gh, h.grad, atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(gW, W.grad, atol=1e-10, rtol=1e-8)
+
+
 def test_fused_head_cross_entropy_equals_the_plain_path():
     # float64 end to end, so the only differences are summation order: 1e-10 is ~1e6 ulps of headroom
     torch.manual_seed(3)

@@ -326,38 +326,64 @@ class ZayaForCausalLM(ZayaPreTrainedModel, GenerationMixin):
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Per-token cross entropy of `h @ W.T` in fp32. Forward keeps the softmax probabilities (in the logits' own
-    buffer) instead of log-softmax; backward turns them into dlogits = (p - onehot) * g in place and returns
-    dh = dlogits @ W, dW = dlogits.T @ h. The usual path allocates a zero-filled [N, V] gradient, scatters into it
-    and runs a separate log-softmax backward; this one touches [N, V] once in each direction."""
+    """Per-token cross entropy of `h @ W.T` in fp32, computed in blocks of rows.
+
+    Forward, per block: logits = h_b @ W.T, their logsumexp, the loss, then the block's softmax probabilities in the
+    logits' own buffer (no log-softmax kept). Backward, per block: dlogits = (p - onehot) * g in place, dh_b =
+    dlogits @ W into its rows of dh, dW += dlogits.T @ h_b. Blocks of ~4 MB (`_ce_block_rows`) keep each block's
+    elementwise passes in cache right before the GEMM that consumes it, and no [N, V] array is ever allocated:
+    a single one (32 MB at 2048 x 4096) exceeds glibc's mmap threshold, so each step would page-fault it in fresh.
+    The usual path allocates logits, log-softmax, a zero-filled [N, V] gradient and its scatter, each in full."""
 
     @staticmethod
     def forward(ctx, h_ND, W_VD, target_N, ignore_index):
         ct = torch.promote_types(h_ND.dtype, torch.float32)  # fp32 at least (float64 stays float64)
-        logits_NV = h_ND.to(ct) @ W_VD.to(ct).t()
-        lse_N = torch.logsumexp(logits_NV, dim=-1)
+        h, W = h_ND.to(ct), W_VD.to(ct)
+        N, V = h.shape[0], W.shape[0]
         valid_N = target_N != ignore_index
         safe_N = torch.where(valid_N, target_N, 0)
-        loss_N = torch.where(valid_N, lse_N - logits_NV.gather(1, safe_N[:, None]).squeeze(1), 0.0)
-        probs_NV = logits_NV.sub_(lse_N[:, None]).exp_()  # in place: no second [N, V] buffer
-        ctx.save_for_backward(h_ND, W_VD, probs_NV, safe_N, valid_N)
-        ctx.consumed = False
+        loss_N = h.new_empty(N)
+        rows = _ce_block_rows(V)
+        blocks = []
+        for s in range(0, N, rows):
+            e = min(N, s + rows)
+            logits = torch.mm(h[s:e], W.t())  # [b, V]
+            lse = torch.logsumexp(logits, dim=-1)
+            torch.sub(lse, logits.gather(1, safe_N[s:e, None]).squeeze(1), out=loss_N[s:e])
+            blocks.append(logits.sub_(lse[:, None]).exp_())  # softmax, in place
+        loss_N.masked_fill_(~valid_N, 0.0)
+        ctx.save_for_backward(h_ND, W_VD, safe_N, valid_N)
+        ctx.blocks, ctx.rows = blocks, rows
         return loss_N
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_N):
-        if ctx.consumed:
-            raise RuntimeError("linear_cross_entropy: backward ran twice (retain_graph) but its buffer is reused in place")
-        ctx.consumed = True
-        h_ND, W_VD, d_NV, safe_N, valid_N = ctx.saved_tensors
-        g_N = torch.where(valid_N, grad_N.to(d_NV.dtype), 0.0)
-        rows = torch.arange(d_NV.shape[0], device=d_NV.device)
-        d_NV[rows, safe_N] -= 1.0
-        d_NV.mul_(g_N[:, None])
-        dh = (d_NV @ W_VD.to(d_NV.dtype)).to(h_ND.dtype) if ctx.needs_input_grad[0] else None
-        dW = (d_NV.t() @ h_ND.to(d_NV.dtype)).to(W_VD.dtype) if ctx.needs_input_grad[1] else None
-        return dh, dW, None, None
+        if ctx.blocks is None:
+            raise RuntimeError("linear_cross_entropy: backward ran twice (retain_graph) but its buffers are reused in place")
+        blocks, ctx.blocks = ctx.blocks, None
+        h_ND, W_VD, safe_N, valid_N = ctx.saved_tensors
+        ct = blocks[0].dtype if blocks else torch.promote_types(h_ND.dtype, torch.float32)
+        h, W = h_ND.to(ct), W_VD.to(ct)
+        g_N = torch.where(valid_N, grad_N.to(ct), 0.0)
+        need_h, need_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dh = torch.empty_like(h) if need_h else None
+        dW = torch.zeros_like(W) if need_W else None
+        for i, d in enumerate(blocks):
+            s = i * ctx.rows
+            e = s + d.shape[0]
+            d[torch.arange(e - s, device=d.device), safe_N[s:e]] -= 1.0
+            d.mul_(g_N[s:e, None])
+            if need_h:
+                torch.mm(d, W, out=dh[s:e])
+            if need_W:
+                dW.addmm_(d.t(), h[s:e])
+        return (dh.to(h_ND.dtype) if need_h else None), (dW.to(W_VD.dtype) if need_W else None), None, None
+
+
+def _ce_block_rows(V: int, block_bytes: int = 4 << 20) -> int:
+    """Rows per cross-entropy block: ~4 MB of fp32 logits (256 rows at V = 4096), at least 16 rows (large vocabs)."""
+    return max(16, block_bytes // (4 * V))
 
 
 def linear_cross_entropy(h_ND: torch.Tensor, W_VD: torch.Tensor, target_N: torch.Tensor,

@@ -68,7 +68,7 @@ class _ShiftFromPrevious(torch.autograd.Function):
     def forward(ctx, x, cp: "ContextParallel", tag: int):
         ctx.cp, ctx.tag = cp, tag
         x = x.contiguous()
-        y = torch.zeros_like(x)
+        y = x.new_zeros(x.shape)
         cp._p2p(send=x if cp.rank < cp.world - 1 else None, to=cp.rank + 1,
                 recv=y if cp.rank > 0 else None, frm=cp.rank - 1, tag=2 * tag)
         return y
@@ -76,7 +76,7 @@ class _ShiftFromPrevious(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         cp = ctx.cp
-        grad_x = torch.zeros_like(grad_y)
+        grad_x = grad_y.new_zeros(grad_y.shape)  # contiguous whatever the layout grad_y arrives in
         cp._p2p(send=grad_y.contiguous() if cp.rank > 0 else None, to=cp.rank - 1,
                 recv=grad_x if cp.rank < cp.world - 1 else None, frm=cp.rank + 1, tag=2 * ctx.tag + 1)
         return grad_x, None, None
