@@ -300,6 +300,39 @@ def test_rope_theta_switch_persists(tmp_path):
         torch.testing.assert_close(loaded(ids).logits, after, atol=ATOL, rtol=0)
 
 
+def test_fused_qk_norm_rope_matches_the_module_path():
+    # The one-node QK-norm + head scale + partial RoPE against QKNorm then apply_partial_rope, float64: forward,
+    # gradients for qk and the key temperature, gradcheck, and a zero head (|y| < eps: the clamp branch).
+    from zaya_lib.model.attention import QKNorm, apply_partial_rope, qk_norm_rope, rope_cos_sin
+
+    cfg = get_config("debug")
+    norm = QKNorm(cfg).double()
+    with torch.no_grad():
+        norm.temp.copy_(torch.linspace(-0.5, 1.5, norm.temp.numel()))
+    Hq, Hk, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    B, T = 2, 5
+    torch.manual_seed(1)
+    qk = torch.randn(B, T, Hq + Hk, d, dtype=torch.float64)
+    qk[1, 2, Hq] = 0.0
+    qk.requires_grad_(True)
+    pos = torch.arange(T)[None].expand(B, T) + torch.tensor([[0], [3]])
+    cos, sin = rope_cos_sin(pos, cfg.rotary_dim, 1e4, dtype=torch.float64)
+    w = torch.randn(B, T, Hq + Hk, d, dtype=torch.float64)
+    fused = qk_norm_rope(qk, norm, Hq, cos, sin)
+    g_fused = torch.autograd.grad((fused * w).sum(), (qk, norm.temp))
+    plain = apply_partial_rope(norm(qk, Hq), cos, sin)
+    g_plain = torch.autograd.grad((plain * w).sum(), (qk, norm.temp))
+    torch.testing.assert_close(fused, plain, atol=1e-12, rtol=0)
+    for a, b in zip(g_fused, g_plain):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+    from zaya_lib.model.attention import _QKNormRope
+
+    x = torch.randn(1, 3, Hq + Hk, d, dtype=torch.float64, requires_grad=True)
+    t = norm.temp.detach().clone().requires_grad_(True)
+    c1, s1 = cos[:1, :3], sin[:1, :3]
+    assert torch.autograd.gradcheck(lambda x, t: _QKNormRope.apply(x, t, norm.scale, Hq, c1, s1), (x, t))
+
+
 def test_linear_cross_entropy_blocks_match_the_plain_path():
     # A vocabulary large enough for 16-row blocks, and 53 rows: 4 blocks, the last one partial, some rows ignored.
     from zaya_lib.model.modeling import _ce_block_rows, linear_cross_entropy

@@ -26,7 +26,7 @@ from torch import nn
 
 from .cache import ZayaCache
 
-__all__ = ["CCAProjection", "QKNorm", "CCAttention", "rope_cos_sin", "apply_partial_rope"]
+__all__ = ["CCAProjection", "QKNorm", "CCAttention", "rope_cos_sin", "apply_partial_rope", "qk_norm_rope"]
 
 
 def rope_cos_sin(position_ids: torch.Tensor, rotary_dim: int, theta: float, dtype=torch.float32):
@@ -166,6 +166,58 @@ class QKNorm(nn.Module):
         return F.normalize(qk, p=2.0, dim=-1, eps=eps) * head_scale[:, None]
 
 
+def _swap_rotary_halves(x: torch.Tensor, R: int) -> torch.Tensor:
+    """[x2, x1, x_pass] for x = [x1, x2, x_pass] along the last dim (x1, x2 of R/2 each); an involution."""
+    h = R // 2
+    return torch.cat([x[..., h:R], x[..., :h], x[..., R:]], dim=-1)
+
+
+class _QKNormRope(torch.autograd.Function):
+    """QK-norm, head scale (sqrt(d), times the key temperature on key heads) and partial NeoX RoPE as one autograd
+    node with a hand-written backward: the same math as `apply_partial_rope(QKNorm(qk))`, but autograd's version
+    records ~15 nodes whose backward allocates zero-filled full-size gradients for every slice of the rotation.
+
+    With yhat = y / max(|y|, eps), z = yhat * c_h and out = z * C + swap(z) * S (C = [cos, 1], S = [-sin, sin, 0]
+    over [first half, second half, pass dims]; swap exchanges the two rotary halves and is its own transpose):
+      dz = g * C + swap(g * S);  dc_h = sum(dz * yhat);  dyhat = dz * c_h;
+      dy = (dyhat - yhat <dyhat, yhat>) / max(|y|, eps)   (the projection term only where |y| > eps)."""
+
+    @staticmethod
+    def forward(ctx, qk, temp, scale: float, num_q: int, cos, sin):
+        R, d = cos.shape[-1], qk.shape[-1]
+        eps = torch.finfo(qk.dtype).eps
+        norm = torch.linalg.vector_norm(qk, dim=-1, keepdim=True)  # [B, T, H, 1]
+        inv = norm.clamp_min(eps).reciprocal()
+        yhat = qk * inv
+        c_h = torch.cat([qk.new_full((num_q,), scale), scale * temp.to(qk.dtype)])[:, None]  # [H, 1]
+        cos, sin = cos.to(qk.dtype), sin.to(qk.dtype)
+        pad = qk.new_zeros(*cos.shape[:-1], d - R)
+        C = torch.cat([cos, pad + 1], dim=-1)[:, :, None]  # [B, T, 1, d]
+        S = torch.cat([-sin[..., : R // 2], sin[..., R // 2:], pad], dim=-1)[:, :, None]
+        z = yhat * c_h
+        ctx.save_for_backward(yhat, inv, norm > eps, c_h, C, S)
+        ctx.R, ctx.num_q, ctx.scale = R, num_q, scale
+        return torch.addcmul(z * C, _swap_rotary_halves(z, R), S)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        yhat, inv, live, c_h, C, S = ctx.saved_tensors
+        dz = torch.add(g * C, _swap_rotary_halves(g * S, ctx.R))
+        dtemp = None
+        if ctx.needs_input_grad[1]:
+            dtemp = ctx.scale * (dz[:, :, ctx.num_q:] * yhat[:, :, ctx.num_q:]).sum(dim=(0, 1, 3))
+        dyhat = dz.mul_(c_h)
+        dot = (dyhat * yhat).sum(-1, keepdim=True).mul_(live)
+        dqk = torch.addcmul(dyhat, yhat, dot, value=-1.0).mul_(inv)
+        return dqk, dtemp, None, None, None, None
+
+
+def qk_norm_rope(qk: torch.Tensor, qk_norm: QKNorm, num_q_heads: int, cos: torch.Tensor, sin: torch.Tensor):
+    """`apply_partial_rope(qk_norm(qk, num_q_heads), cos, sin)` for packed qk [B, T, Hq + Hk, d], as one node."""
+    return _QKNormRope.apply(qk, qk_norm.temp, qk_norm.scale, num_q_heads, cos, sin)
+
+
 class CCAttention(nn.Module):
     """The full CCA layer: projection, QK-norm, partial RoPE, latent GQA attention, output projection."""
 
@@ -211,7 +263,7 @@ class CCAttention(nn.Module):
     def _qkv(self, x_BTD, cos, sin, cache, cp):
         """Eager path: q [B, Hq, T, d], k and v [B, Hk, T, d] (post norm, temperature and RoPE)."""
         qk, v = self.qkv_proj(x_BTD, cache, cp)
-        qk = apply_partial_rope(self.qk_norm(qk, self.Hq), cos, sin).transpose(1, 2)
+        qk = qk_norm_rope(qk, self.qk_norm, self.Hq, cos, sin).transpose(1, 2)
         q, k = qk.split([self.Hq, self.Hk], dim=1)
         return q, k, v.transpose(1, 2)
 

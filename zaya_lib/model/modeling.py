@@ -328,8 +328,8 @@ class ZayaForCausalLM(ZayaPreTrainedModel, GenerationMixin):
 class _LinearCrossEntropy(torch.autograd.Function):
     """Per-token cross entropy of `h @ W.T` in fp32, computed in blocks of rows.
 
-    Forward, per block: logits = h_b @ W.T, their logsumexp, the loss, then the block's softmax probabilities in the
-    logits' own buffer (no log-softmax kept). Backward, per block: dlogits = (p - onehot) * g in place, dh_b =
+    Forward, per block: logits = h_b @ W.T, then max-shifted exp, sum and normalisation in the logits' own buffer
+    (one exp pass; the loss is max + log(sum) - logit[target]; no log-softmax kept). Backward, per block: dlogits = (p - onehot) * g in place, dh_b =
     dlogits @ W into its rows of dh, dW += dlogits.T @ h_b. Blocks of ~4 MB (`_ce_block_rows`) keep each block's
     elementwise passes in cache right before the GEMM that consumes it, and no [N, V] array is ever allocated:
     a single one (32 MB at 2048 x 4096) exceeds glibc's mmap threshold, so each step would page-fault it in fresh.
@@ -348,9 +348,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, N, rows):
             e = min(N, s + rows)
             logits = torch.mm(h[s:e], W.t())  # [b, V]
-            lse = torch.logsumexp(logits, dim=-1)
-            torch.sub(lse, logits.gather(1, safe_N[s:e, None]).squeeze(1), out=loss_N[s:e])
-            blocks.append(logits.sub_(lse[:, None]).exp_())  # softmax, in place
+            picked = logits.gather(1, safe_N[s:e, None]).squeeze(1)
+            m = logits.amax(dim=-1, keepdim=True)
+            p = logits.sub_(m).exp_()  # in place, one exp pass (logsumexp would take its own)
+            z = p.sum(dim=-1, keepdim=True)
+            torch.sub(m.squeeze(1) + z.log().squeeze(1), picked, out=loss_N[s:e])  # lse - logit[target]
+            blocks.append(p.div_(z))  # softmax probabilities
         loss_N.masked_fill_(~valid_N, 0.0)
         ctx.save_for_backward(h_ND, W_VD, safe_N, valid_N)
         ctx.blocks, ctx.rows = blocks, rows
