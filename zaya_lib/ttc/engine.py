@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import torch
 
 from zaya_lib.model.cache import ZayaCache
+from zaya_lib.ttc.decode import FastDecoder
 from zaya_lib.utils import progress
 
 __all__ = ["GenerationOutput", "Engine", "sample_next"]
@@ -83,7 +84,8 @@ class Engine:
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any = None, eos_token_id: int | Sequence[int] | None = None,
-                 pad_token_id: int | None = None, batch_size: int = 64, finished: str = "drop"):
+                 pad_token_id: int | None = None, batch_size: int = 64, finished: str = "drop",
+                 fast_decode: bool = True, compile: bool = False):
         if finished not in ("drop", "mask"):
             raise ValueError(f"finished must be 'drop' or 'mask', got {finished!r}")
         if not isinstance(batch_size, int) or batch_size <= 0:
@@ -101,6 +103,17 @@ class Engine:
         self.batch_size = batch_size
         self.finished = finished
         self.vocab_size = int(model.config.vocab_size)
+        self.fast_decode = fast_decode  # decode steps through `FastDecoder` when the model supports it
+        self.compile = compile  # the fast decode step's MoE through torch.compile (see `zaya_lib.ttc.decode`)
+        self._decoder: FastDecoder | None = None
+
+    def _fast_decoder(self) -> FastDecoder | None:
+        """The folded decode weights, rebuilt when the model's weights changed since (None: use the plain forward)."""
+        if not self.fast_decode or not FastDecoder.supports(self.model):
+            return None
+        if self._decoder is None or self._decoder.model is not self.model or self._decoder.stale():
+            self._decoder = FastDecoder(self.model, compile=self.compile)
+        return self._decoder
 
     @property
     def device(self) -> torch.device:
@@ -185,6 +198,8 @@ class Engine:
 
         logits = self.model(input_ids=input_BP, attention_mask=mask_BS[:, :P], past_key_values=cache,
                             use_cache=True, logits_to_keep=1).logits[:, -1]
+        dec = self._fast_decoder()
+        run = dec.start(cache, mask_BS, pos_B) if dec is not None else None
         for step in range(max_new):
             tok_B = sample_next(logits, temperature, top_p, gen)
             out_BN[rows, step] = tok_B
@@ -200,11 +215,16 @@ class Engine:
                     if keep.numel() == 0:
                         break
                     cache.reorder(keep)
+                    if run is not None:
+                        run.reorder(keep)
                     rows, tok_B, mask_BS, pos_B = rows[keep], tok_B[keep], mask_BS[keep], pos_B[keep]
                 elif bool(stopped.all()):
                     break
             if step == max_new - 1:
                 break
+            if run is not None:
+                logits = run.step(tok_B)
+                continue
             cur = P + step + 1
             logits = self.model(input_ids=tok_B[:, None], attention_mask=mask_BS[:, :cur],
                                 position_ids=pos_B[:, None] + step, past_key_values=cache, use_cache=True,
