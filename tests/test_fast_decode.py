@@ -5,6 +5,7 @@ import torch
 
 from zaya_lib.config import get_config
 from zaya_lib.model import ZayaCache, ZayaForCausalLM
+from zaya_lib.ttc import decode
 from zaya_lib.ttc.decode import FastDecoder
 from zaya_lib.ttc.engine import Engine
 
@@ -69,7 +70,10 @@ def _compare_steps(m, dec, lens, steps=7, drop_after=None):
 
 
 @pytest.mark.parametrize("lens", [[6, 6, 6], [5, 11, 2, 8]])
-def test_step_logits_match_cached_forward(model, lens):
+@pytest.mark.parametrize("scratch", ["default", "none"])
+def test_step_logits_match_cached_forward(model, lens, scratch, monkeypatch):
+    if scratch == "none":  # every expert product through the GEMM branch of `_expert_matmul`
+        monkeypatch.setattr(decode, "_SCRATCH_BYTES", 0)
     assert _compare_steps(model, FastDecoder(model), lens) < 1e-5
 
 
