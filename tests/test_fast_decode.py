@@ -159,3 +159,13 @@ def test_decoder_refreshes_after_weight_changes():
     assert eng._decoder is not first
     want = Engine(m, eos_token_id=127, pad_token_id=0, fast_decode=False).generate(prompts, 6, temperature=0.0)
     assert got.token_ids == want.token_ids
+
+
+def test_engine_compiles_by_default_and_the_environment_can_turn_it_off(model, monkeypatch):
+    from zaya_lib.ttc.engine import Engine
+
+    monkeypatch.delenv("ZAYA_ENGINE_COMPILE", raising=False)
+    assert Engine(model, eos_token_id=0, pad_token_id=0).compile is True
+    monkeypatch.setenv("ZAYA_ENGINE_COMPILE", "0")
+    assert Engine(model, eos_token_id=0, pad_token_id=0).compile is False
+    assert Engine(model, eos_token_id=0, pad_token_id=0, compile=True).compile is True

@@ -18,11 +18,14 @@ Notable features:
 - Decode steps go through `zaya_lib.ttc.decode.FastDecoder` (constants folded into small weights once, RoPE table
   and pad mask built once per chunk, ~50 tensor ops per layer instead of several hundred; same cache layout) when
   the model is a plain fp32 `ZayaForCausalLM` without hooks outside `lm_head`; `fast_decode=False` or any other
-  model uses the model's own forward. `compile=True` also runs the decode MoE through torch.compile (opt-in: a
-  one-off compile of ~5-15 s per process, then ~25% faster decoding on the bench model).
+  model uses the model's own forward. By default (`compile=True`) the decode MoE also runs through torch.compile:
+  a one-off compile of ~5-10 s per process (dynamic batch size: not per call), then ~25-35% faster decoding on the
+  bench and tiny models; if compilation fails (no C++ toolchain, an inductor error) the step warns and stays
+  eager. `compile=False` (or ZAYA_ENGINE_COMPILE=0 in the environment) keeps it eager.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -88,12 +91,12 @@ class Engine:
     out = engine.generate([[1, 4, ...], ...], max_new_tokens=64, temperature=0.8, top_p=0.95, seed=0)
 
     fast_decode: decode with the folded single-token step (default; falls back to the model's forward where it
-    does not apply). compile: additionally torch.compile the decode MoE (opt-in; see the module docstring).
+    does not apply). compile: also torch.compile the decode MoE (default on; None reads ZAYA_ENGINE_COMPILE, "0" = off).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any = None, eos_token_id: int | Sequence[int] | None = None,
                  pad_token_id: int | None = None, batch_size: int = 64, finished: str = "drop",
-                 fast_decode: bool = True, compile: bool = False):
+                 fast_decode: bool = True, compile: bool | None = None):
         if finished not in ("drop", "mask"):
             raise ValueError(f"finished must be 'drop' or 'mask', got {finished!r}")
         if not isinstance(batch_size, int) or batch_size <= 0:
@@ -112,7 +115,9 @@ class Engine:
         self.finished = finished
         self.vocab_size = int(model.config.vocab_size)
         self.fast_decode = fast_decode  # decode steps through `FastDecoder` when the model supports it
-        self.compile = compile  # the fast decode step's MoE through torch.compile (see `zaya_lib.ttc.decode`)
+        if compile is None:
+            compile = os.environ.get("ZAYA_ENGINE_COMPILE", "1") != "0"
+        self.compile = bool(compile)  # the fast decode step's MoE through torch.compile (see `zaya_lib.ttc.decode`)
         self._decoder: FastDecoder | None = None
 
     def _fast_decoder(self) -> FastDecoder | None:
