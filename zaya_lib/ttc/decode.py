@@ -16,8 +16,8 @@ Expert weights (the bulk of the model) and the tied head are used as they are: n
 Per generate call: RoPE cos/sin for every position and the additive pad mask for the whole run, sliced per step.
 Experts: one host read of the B choices, tokens grouped by expert in Python, one product pair per chosen expert
 (`_expert_matmul`), the gate and the post-MoE residual scale applied on the way back with one `index_add_` into
-the residual. Optionally (`compile=True`) the whole MoE block runs through torch.compile as `moe_gathered`: each
-row's expert weights indexed inside one generated loop, no sort and no host sync; this is what pays most here,
+the residual. With `compile=True` (the `Engine` default) the whole MoE block runs through torch.compile as
+`moe_gathered`: each row's expert weights indexed inside one generated loop, no sort and no host sync; this is what pays most here,
 because the step is dominated by streaming the chosen experts' weights (MKL's GEMV reads a cold 512 KB expert at
 ~8 GB/s, the generated loop ~2x faster). Compiled once per process (dynamic row count), ~5-15 s.
 
