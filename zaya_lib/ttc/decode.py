@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from zaya_lib.model.attention import rope_cos_sin
 from zaya_lib.model.cache import ZayaCache
 
-__all__ = ["FastDecoder", "DecodeRun"]
+__all__ = ["FastDecoder", "DecodeRun", "route", "moe_gathered"]
 
 
 def _conv_taps(p) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,23 +286,10 @@ class DecodeRun:
         else:
             torch.mm(x, W_T, out=out)
 
-    @staticmethod
-    def _router(L: _Layer, x, r_prev):
-        hm = F.rms_norm(x, (x.shape[-1],), weight=L.ln2, eps=L.eps_rms)
-        if L.use_eda and r_prev is not None:
-            r = torch.addmm(torch.addcmul(L.bd, r_prev, L.gamma), hm, L.Wd_T)
-        else:
-            r = torch.addmm(L.bd, hm, L.Wd_T)
-        z = F.rms_norm(r, (r.shape[-1],), weight=L.rn_w, eps=L.rn_eps)
-        z = F.gelu(torch.addmm(L.b1, z, L.W1_T))
-        z = F.gelu(torch.addmm(L.b2, z, L.W2_T))
-        probs = torch.softmax(z @ L.Wr_T, dim=-1)  # [B, E + 1]
-        choice = (probs + L.bias_bal).argmax(dim=-1)
-        return hm, r, probs, choice
-
     def _moe(self, L: _Layer, x, r_prev):
         """Router MLP, top-1, experts grouped by choice (one GEMM pair per chosen expert)."""
-        hm, r, probs, choice = self._router(L, x, r_prev)
+        hm, r, probs, choice = route(x, r_prev if L.use_eda else None, L.ln2, L.Wd_T, L.bd, L.gamma, L.rn_w, L.W1_T,
+                                     L.b1, L.W2_T, L.b2, L.Wr_T, L.bias_bal, L.eps_rms, L.rn_eps)
         out = torch.addcmul(L.c2, x, L.rs2)  # residual part of the post-MoE residual scaling
         ch = choice.tolist()  # the one host read of the step's routing
         groups: dict[int, list[int]] = {}
@@ -328,21 +315,31 @@ class DecodeRun:
         return out, r
 
 
+def route(x, r_prev, ln2, Wd_T, bd, gamma, rn_w, W1_T, b1, W2_T, b2, Wr_T, bias_bal, eps: float, rn_eps: float):
+    """The decode router, shared by the eager MoE and `moe_gathered` (traced by torch.compile there): post-attention
+    RMSNorm, down-projection with EDA (r_prev None: no EDA), router MLP, softmax over E + 1, top-1 on the
+    bias-adjusted probabilities. Returns (normed input hm, router state r, probs [B, E + 1], choice [B])."""
+    hm = F.rms_norm(x, (x.shape[-1],), weight=ln2, eps=eps)
+    if r_prev is not None:
+        r = torch.addmm(torch.addcmul(bd, r_prev, gamma), hm, Wd_T)
+    else:
+        r = torch.addmm(bd, hm, Wd_T)
+    z = F.rms_norm(r, (r.shape[-1],), weight=rn_w, eps=rn_eps)
+    z = F.gelu(torch.addmm(b1, z, W1_T))
+    z = F.gelu(torch.addmm(b2, z, W2_T))
+    probs = torch.softmax(z @ Wr_T, dim=-1)  # [B, E + 1]
+    choice = (probs + bias_bal).argmax(dim=-1)
+    return hm, r, probs, choice
+
+
 def moe_gathered(x, r_prev, ln2, Wd_T, bd, gamma, rn_w, W1_T, b1, W2_T, b2, Wr_T, bias_bal, gate_up, down, rs2, hs2,
                  c2, eps: float, rn_eps: float):
     """The decode MoE block (router, top-1 expert, post-MoE residual scaling) with each row's expert weights indexed
     directly (`gate_up[e_b] . x_b` as a reduction): no sort, no host sync. Eager, the indexing would copy every
     row's expert; compiled (`FastDecoder(compile=True)`), inductor fuses gather, product and sum into one loop that
     streams each row's weights once. Returns (x_new, post-EDA router state)."""
-    hm = F.rms_norm(x, (x.shape[-1],), weight=ln2, eps=eps)
-    r = hm @ Wd_T + bd
-    if r_prev is not None:
-        r = r + r_prev * gamma
-    z = F.rms_norm(r, (r.shape[-1],), weight=rn_w, eps=rn_eps)
-    z = F.gelu(z @ W1_T + b1)
-    z = F.gelu(z @ W2_T + b2)
-    probs = torch.softmax(z @ Wr_T, dim=-1)
-    choice = (probs + bias_bal).argmax(dim=-1)
+    hm, r, probs, choice = route(x, r_prev, ln2, Wd_T, bd, gamma, rn_w, W1_T, b1, W2_T, b2, Wr_T, bias_bal, eps,
+                                 rn_eps)
     E, Fw = gate_up.shape[0], down.shape[-1]
     routed = choice < E
     e = choice.clamp(max=E - 1)
