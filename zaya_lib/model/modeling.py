@@ -329,8 +329,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Per-token cross entropy of `h @ W.T` in fp32, computed in blocks of rows.
 
     Forward, per block: logits = h_b @ W.T, then max-shifted exp, sum and normalisation in the logits' own buffer
-    (one exp pass; the loss is max + log(sum) - logit[target]; no log-softmax kept). Backward, per block: dlogits = (p - onehot) * g in place, dh_b =
-    dlogits @ W into its rows of dh, dW += dlogits.T @ h_b. Blocks of ~4 MB (`_ce_block_rows`) keep each block's
+    (one exp pass; the loss is max + log(sum) - logit[target]; no log-softmax kept). Backward, per block:
+    dlogits = (p - onehot) * g in place, dh_b = dlogits @ W into its rows of dh, dW += dlogits.T @ h_b. Blocks of ~4 MB (`_ce_block_rows`) keep each block's
     elementwise passes in cache right before the GEMM that consumes it, and no [N, V] array is ever allocated:
     a single one (32 MB at 2048 x 4096) exceeds glibc's mmap threshold, so each step would page-fault it in fresh.
     The usual path allocates logits, log-softmax, a zero-filled [N, V] gradient and its scatter, each in full."""
