@@ -140,6 +140,50 @@ def test_attention_left_padding_key_start(starts):
     assert_close("decode vs full", o[:, :, -1:], dec, RATIO32, ATOL32)
 
 
+@pytest.mark.parametrize("tiles", [(32, 16), (64, 32), (32, 32)], ids=lambda t: f"BM{t[0]}-BN{t[1]}")
+@pytest.mark.parametrize("starts", [None, [0, 37]], ids=["nopad", "pad0_37"])
+def test_attention_causal_split_tiles(tiles, starts, monkeypatch):
+    """Small tiles give many key blocks wholly below the diagonal, which skip the causal mask: with and without a
+    left pad (key_start inside a block), at a length that is no multiple of the tiles, fwd and grads match."""
+    import importlib
+
+    A = importlib.import_module("zaya_kernels.latent_attention.latent_attention")
+    BM, BN = tiles
+    monkeypatch.setitem(A.TUNING, "fwd", {"BM": BM, "BN": BN})
+    monkeypatch.setitem(A.TUNING, "bwd", {"BM": BM, "BN": BN})
+    q, k, v = make_qkv(2, 4, 2, 101, 16, torch.float32, seed=9)
+    ks = None if starts is None else torch.tensor(starts, device=DEVICE)
+    do = torch.randn(q.shape, device=DEVICE)
+    o, grads = run(lambda a, b_, c: latent_attention(a, b_, c, key_start=ks), q, k, v, do)
+    o_ref, grads_ref = run(lambda a, b_, c: latent_attention_ref(a, b_, c, key_start=ks), q, k, v, do)
+    assert_close("o", o_ref, o, RATIO32, ATOL32)
+    for name, g, gr in zip(("dq", "dk", "dv"), grads, grads_ref):
+        assert_close(name, gr, g, RATIO32, ATOL32)
+    monkeypatch.setitem(A.TUNING, "fwd", {"BM": 16, "BN": 32})
+    with pytest.raises(ValueError, match="must divide"):
+        latent_attention(q, k, v)
+
+
+def test_attention_decode_merges_several_splits(monkeypatch):
+    """Force the KV cache into several splits (the GPU's flash-decoding path; the interpreter defaults to one): the
+    merge kernel must weight the splits by their logsumexps, give empty splits no weight and an empty row 0."""
+    import importlib
+
+    A = importlib.import_module("zaya_kernels.latent_attention.latent_attention")
+    B, Hq, Hk, S, d = 4, 8, 2, 150, 32
+    q, k, v = make_qkv(B, Hq, Hk, S, d, torch.float32, seed=11)
+    q = q[:, :, -1:]
+    L = torch.tensor([150, 1, 0, 77], device=DEVICE)   # all splits; first split only; none; a partial split
+    # one split per key block: BN is 128 in the interpreter (S=150 -> 2 splits), 64 on a GPU (3 splits)
+    monkeypatch.setitem(A.TUNING, "decode", {"SPLIT": 128 if DEVICE == "cpu" else 64})
+    out = latent_attention_decode(q, k, v, L)
+    assert_close("decode", latent_attention_decode_ref(q, k, v, L), out, RATIO32, ATOL32)
+    assert (out[2] == 0).all()
+    monkeypatch.setitem(A.TUNING, "decode", {"SPLIT": 100})
+    with pytest.raises(ValueError, match="multiple of BN"):
+        latent_attention_decode(q, k, v, L)
+
+
 def test_attention_rejects_bad_inputs():
     q, k, v = make_qkv(1, 4, 2, 8, 16, torch.float32)
     with pytest.raises(ValueError, match="dtype"):

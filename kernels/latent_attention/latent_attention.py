@@ -34,11 +34,47 @@ def _key_start(key_start, b, HAS_START: tl.constexpr):
 
 
 @triton.jit
+def _fwd_block(q_t, kb, vb, m, start, st, T, skt, svt, m_i, l_i, acc, qs,
+               BN: tl.constexpr, D: tl.constexpr, MASK: tl.constexpr, HAS_START: tl.constexpr,
+               DOT_T: tl.constexpr, PREC: tl.constexpr):
+    """One BN-key block of the online softmax. MASK: the block touches the diagonal or the end of the sequence, so
+    the causal and length masks apply; blocks wholly below the diagonal skip them (and their masked loads)."""
+    n = start + tl.arange(0, BN)
+    dd = tl.arange(0, D)
+    if MASK:
+        k_t = tl.load(kb + n[:, None] * skt + dd[None, :], mask=(n < T)[:, None], other=0.0).to(DOT_T)
+        v_t = tl.load(vb + n[:, None] * svt + dd[None, :], mask=(n < T)[:, None], other=0.0).to(DOT_T)
+    else:
+        k_t = tl.load(kb + n[:, None] * skt + dd[None, :]).to(DOT_T)
+        v_t = tl.load(vb + n[:, None] * svt + dd[None, :]).to(DOT_T)
+    s = tl.dot(q_t, tl.trans(k_t), input_precision=PREC) * qs
+    if MASK:
+        s = tl.where((m[:, None] >= n[None, :]) & ((n < T) & (n >= st))[None, :], s, float("-inf"))
+    elif HAS_START:
+        s = tl.where((n >= st)[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASK or HAS_START:
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with no valid key yet (left pad): p = 0
+    else:
+        m_sub = m_new
+    p = tl.exp2(s - m_sub[:, None])
+    alpha = tl.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(DOT_T), v_t, acc * alpha[:, None], input_precision=PREC)   # the MMA accumulates in place
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _fwd_kernel(q, k, v, o, lse, key_start, sm_scale, T,
                 sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
                 HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                HAS_START: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
+                HAS_START: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr, REV: tl.constexpr):
+    """One program: BM query rows of query head h. REV: the last query blocks (the most key blocks) start first, so
+    the causal triangle's long programs do not form the tail of the launch. Key blocks [lo, diag) lie wholly below the causal diagonal and run
+    unmasked; [diag, hi) get the causal/length mask (BN divides BM, so diag = pid_m * BM is a block boundary)."""
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    if REV:
+        pid_m = tl.num_programs(0) - 1 - pid_m
     b, h = pid_bh // HQ, pid_bh % HQ
     hk = h // G
     m = pid_m * BM + tl.arange(0, BM)
@@ -50,20 +86,15 @@ def _fwd_kernel(q, k, v, o, lse, key_start, sm_scale, T,
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D], tl.float32)
     st = _key_start(key_start, b, HAS_START)
-    hi = tl.minimum((pid_m + 1) * BM, T)
-    for start in range((st // BN) * BN, hi, BN):
-        n = start + tl.arange(0, BN)
-        k_t = tl.load(kb + n[:, None] * skt + dd[None, :], mask=(n < T)[:, None], other=0.0).to(DOT_T)
-        v_t = tl.load(vb + n[:, None] * svt + dd[None, :], mask=(n < T)[:, None], other=0.0).to(DOT_T)
-        s = tl.dot(q_t, tl.trans(k_t), input_precision=PREC) * qs
-        s = tl.where((m[:, None] >= n[None, :]) & ((n < T) & (n >= st))[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with no valid key yet (left pad): p = 0
-        p = tl.exp2(s - m_sub[:, None])
-        alpha = tl.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_T), v_t, input_precision=PREC)
-        m_i = m_new
+    lo = (st // BN) * BN
+    diag = pid_m * BM
+    hi = tl.minimum(diag + BM, T)
+    for start in range(lo, diag, BN):
+        m_i, l_i, acc = _fwd_block(q_t, kb, vb, m, start, st, T, skt, svt, m_i, l_i, acc, qs, BN=BN, D=D,
+                                   MASK=False, HAS_START=HAS_START, DOT_T=DOT_T, PREC=PREC)
+    for start in range(tl.maximum(lo, diag), hi, BN):
+        m_i, l_i, acc = _fwd_block(q_t, kb, vb, m, start, st, T, skt, svt, m_i, l_i, acc, qs, BN=BN, D=D,
+                                   MASK=True, HAS_START=HAS_START, DOT_T=DOT_T, PREC=PREC)
     # pad query rows (m < key_start) saw no key: output 0 and lse = +inf, so the backward gives them p = 0
     ok = l_i > 0
     acc = acc / tl.where(ok, l_i, 1.0)[:, None]
@@ -118,8 +149,10 @@ def _bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, key_start, sm_scale, T,
 def _bwd_dq_kernel(q, k, v, do, lse, delta, dq, key_start, sm_scale, T,
                    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
                    HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                   HAS_START: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
+                   HAS_START: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr, REV: tl.constexpr):
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    if REV:   # the last query blocks have the most keys: start them first
+        pid_m = tl.num_programs(0) - 1 - pid_m
     b, h = pid_bh // HQ, pid_bh % HQ
     hk = h // G
     m = pid_m * BM + tl.arange(0, BM)
@@ -191,21 +224,45 @@ def _decode_kernel(q, k, v, lengths, key_start, o_part, lse_part, sm_scale, S, S
     tl.store(lse_part + row, tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf")), mask=gmask)
 
 
+@triton.jit
+def _decode_merge_kernel(o_part, lse_part, o, NS, D: tl.constexpr, BS: tl.constexpr):
+    """Flash-decoding merge of one (batch, query head) row: o = sum_s w_s o_s with w_s = softmax over the splits' base-2
+    logsumexps. Empty splits (lse = -inf) get weight 0; a row with no valid key at all (lengths 0) gets 0."""
+    row = tl.program_id(0)
+    sp = tl.arange(0, BS)
+    dd = tl.arange(0, D)
+    lse = tl.load(lse_part + row * NS + sp, mask=sp < NS, other=float("-inf"))
+    mx = tl.max(lse, 0)
+    w = tl.where(lse == float("-inf"), 0.0, tl.exp2(lse - tl.where(mx == float("-inf"), 0.0, mx)))
+    op = tl.load(o_part + (row * NS + sp)[:, None] * D + dd[None, :], mask=(sp < NS)[:, None], other=0.0)
+    tot = tl.sum(w, 0)
+    acc = tl.sum(w[:, None] * op, 0) / tl.where(tot > 0, tot, 1.0)
+    tl.store(o + row * D + dd, acc.to(o.dtype.element_ty))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # launchers
 
-def _blocks(T: int, d: int, dtype=torch.bfloat16):
+# Launch settings per kernel, filled by benchmarks/tune_kernels.py to try variants ({"fwd": {"BM": 128, ...}}).
+TUNING: dict[str, dict] = {}
+
+
+def _cfg(kernel: str, T: int, d: int, dtype=torch.bfloat16) -> dict:
+    """Tile sizes, warps and pipeline stages of one kernel ("fwd", "bwd"), defaults overridden by TUNING[kernel]."""
     if INTERPRET:  # cost is per program per op: few, big programs
         b = min(pow2(T), 128)
-        return b, b
-    if dtype == torch.float32:  # exact fp32 dots run on FMA units: small tiles (bigger ones spill heavily)
-        return 32, 32
-    return (128, 64) if d <= 64 else (64, 64)
-
-
-def _warps(d: int) -> int:
-    # d=128 with 64x64 tiles: 8 warps compile without register spills on sm_90 (4 warps spill in the backward)
-    return 8 if d >= 128 else 4
+        cfg = dict(BM=b, BN=b, num_warps=4, num_stages=1)
+    elif dtype == torch.float32:  # exact fp32 dots run on FMA units: small tiles (bigger ones spill heavily)
+        cfg = dict(BM=32, BN=32, num_warps=4 if d < 128 else 8, num_stages=2)
+    else:
+        # bf16/fp16, d=128: 64x64 tiles and 4 warps were fastest on an H100 (benchmarks/tune_kernels.py, B2 T4096:
+        # fwd 0.179 ms vs 0.29 ms with 8 warps; fwd+bwd 1.07 ms with 2 stages in the backward vs 1.15 with 3)
+        cfg = dict(BM=128 if d <= 64 else 64, BN=64, num_warps=4, num_stages=3 if kernel == "fwd" else 2)
+    cfg.setdefault("REV", True)
+    cfg.update(TUNING.get(kernel, {}))
+    if kernel == "fwd" and cfg["BM"] % cfg["BN"]:
+        raise ValueError(f"latent_attention: BN={cfg['BN']} must divide BM={cfg['BM']} (the causal split)")
+    return cfg
 
 
 def _strides(x):
@@ -215,21 +272,23 @@ def _strides(x):
 def attention_fwd(q, k, v, scale, key_start=None):
     B, Hq, T, d = q.shape
     Hk = k.shape[1]
-    BM, BN = _blocks(T, d, q.dtype)
+    c = _cfg("fwd", T, d, q.dtype)
+    BM, BN = c["BM"], c["BN"]
     DOT_T, PREC = dot_dtype(q.dtype)
     o = torch.empty(B, Hq, T, d, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
     _fwd_kernel[(triton.cdiv(T, BM), B * Hq)](q, k, v, o, lse, key_start if key_start is not None else lse, scale, T,
                                               *_strides(q), *_strides(k), *_strides(v), HQ=Hq, G=Hq // Hk, D=d,
                                               BM=BM, BN=BN, HAS_START=key_start is not None, DOT_T=DOT_T, PREC=PREC,
-                                              num_warps=_warps(d))
+                                              REV=c["REV"], num_warps=c["num_warps"], num_stages=c["num_stages"])
     return o, lse
 
 
 def attention_bwd(do, q, k, v, o, lse, scale, key_start=None):
     B, Hq, T, d = q.shape
     Hk = k.shape[1]
-    BM, BN = _blocks(T, d, q.dtype)
+    c = _cfg("bwd", T, d, q.dtype)
+    BM, BN = c["BM"], c["BN"]
     DOT_T, PREC = dot_dtype(q.dtype)
     do = do.contiguous()
     delta = (o.float() * do.float()).sum(-1)  # D_i = rowsum(dO * O), FlashAttention-2 preprocessing
@@ -240,10 +299,11 @@ def attention_bwd(do, q, k, v, o, lse, scale, key_start=None):
     ks, has = (key_start, True) if key_start is not None else (lse, False)
     _bwd_dkdv_kernel[(triton.cdiv(T, BN), B * Hk)](q, k, v, do, lse, delta, dk, dv, ks, scale, T, *st,
                                                    HQ=Hq, HK=Hk, G=Hq // Hk, D=d, BM=BM, BN=BN, HAS_START=has,
-                                                   DOT_T=DOT_T, PREC=PREC, num_warps=_warps(d))
+                                                   DOT_T=DOT_T, PREC=PREC, num_warps=c["num_warps"], num_stages=c["num_stages"])
     _bwd_dq_kernel[(triton.cdiv(T, BM), B * Hq)](q, k, v, do, lse, delta, dq, ks, scale, T, *st,
-                                                 HQ=Hq, G=Hq // Hk, D=d, BM=BM, BN=BN, HAS_START=has,
-                                                 DOT_T=DOT_T, PREC=PREC, num_warps=_warps(d))
+                                                 HQ=Hq, G=Hq // Hk, D=d, BM=BM, BN=BN, HAS_START=has, DOT_T=DOT_T,
+                                                 PREC=PREC, REV=c["REV"], num_warps=c["num_warps"],
+                                                 num_stages=c["num_stages"])
     return dq, dk, dv
 
 
@@ -344,6 +404,9 @@ def latent_attention_decode(q, k_cache, v_cache, lengths, scale: float | None = 
     BN = min(pow2(S), 128) if INTERPRET else 64
     # Enough KV splits to give the GPU ~4 programs per SM-ish; the interpreter prefers one split.
     SPLIT = triton.cdiv(S, BN) * BN if INTERPRET else max(BN, triton.cdiv(triton.cdiv(S, max(1, 128 // (B * Hk))), BN) * BN)
+    SPLIT = TUNING.get("decode", {}).get("SPLIT", SPLIT)   # a multiple of BN (tests force several splits)
+    if SPLIT % BN:
+        raise ValueError(f"latent_attention_decode: SPLIT={SPLIT} must be a multiple of BN={BN}")
     NS = triton.cdiv(S, SPLIT)
     DOT_T, PREC = dot_dtype(q.dtype)
     o_part = torch.empty(B, Hq, NS, d, device=q.device, dtype=torch.float32)
@@ -352,8 +415,7 @@ def latent_attention_decode(q, k_cache, v_cache, lengths, scale: float | None = 
                                  o_part, lse_part, scale, S, SPLIT, NS, q.stride(0), q.stride(1),
                                  *_strides(k_cache), *_strides(v_cache), HK=Hk, G=G, D=d, BG=pow2(G), BN=BN,
                                  HAS_START=key_start is not None, DOT_T=DOT_T, PREC=PREC)
-    # flash-decoding merge of the splits, base-2 logsumexps; all-empty rows (lengths 0) give 0
-    lse = torch.logsumexp(lse_part * 0.6931471805599453, dim=-1, keepdim=True)            # natural log
-    w = torch.exp(lse_part * 0.6931471805599453 - lse).nan_to_num(0.0)
-    o = (w[..., None] * o_part).sum(2, keepdim=True)
-    return o.to(q.dtype)
+    # flash-decoding merge of the splits (one small launch instead of ~10 torch ops: decode is launch-bound)
+    o = torch.empty(B, Hq, 1, d, device=q.device, dtype=q.dtype)
+    _decode_merge_kernel[(B * Hq,)](o_part, lse_part, o, NS, D=d, BS=pow2(NS, 1), num_warps=4)
+    return o
