@@ -125,3 +125,33 @@ def test_moe_rejects_bad_inputs():
         moe_experts(**{**inp, "gate": inp["gate"][:3]})
     with pytest.raises(ValueError, match="gate_up_proj"):
         moe_experts(**{**inp, "gate_up_proj": inp["gate_up_proj"][:, :31]})
+
+
+@pytest.mark.parametrize("N,E,BM,kind", [(1, 16, 16, "random"), (200, 16, 16, "random"), (37, 4, 16, "all-skipped"),
+                                         (300, 8, 64, "one-expert"), (1500, 16, 64, "random")],
+                         ids=lambda v: str(v))
+def test_route_map_matches_a_torch_reference(N, E, BM, kind):
+    """The one-program routing kernel (offsets and row-tile map) against the same map built with torch ops."""
+    import importlib
+
+    M = importlib.import_module("zaya_kernels.moe_experts.moe_experts")
+    g = torch.Generator().manual_seed(N)
+    idx = {"random": torch.randint(-1, E, (N,), generator=g), "all-skipped": torch.full((N,), -1),
+           "one-expert": torch.full((N,), E - 1)}[kind].to(DEVICE)
+    order, offsets, tile_expert, tile_row, max_tiles = M._route(idx, E, BM)
+    key = torch.where(idx >= 0, idx, E).cpu()
+    ref_order = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=E + 1)[:E]
+    ref_off = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)])
+    tiles = (counts + BM - 1) // BM
+    ref_exp, ref_row = [], []
+    for e in range(E):
+        for j in range(int(tiles[e])):
+            ref_exp.append(e)
+            ref_row.append(int(ref_off[e]) + j * BM)
+    assert max_tiles == -(-N // BM) + E
+    assert torch.equal(order.cpu(), ref_order)
+    assert torch.equal(offsets.cpu().long(), ref_off)
+    n = len(ref_exp)
+    assert tile_expert[:n].cpu().tolist() == ref_exp and tile_row[:n].cpu().tolist() == ref_row
+    assert (tile_expert[n:] == E).all()          # surplus tiles are marked for the GEMMs to skip
