@@ -87,6 +87,28 @@ def test_cca_qk_half(shape, dtype):
         assert_half_close(f"d{name}", grads32[name], grads_h[name], grads[name].float(), atol(grads32[name]))
 
 
+@pytest.mark.parametrize("tiles", [(16, 3), (16, 8), (32, 2)], ids=lambda t: f"BT{t[0]}-NB{t[1]}")
+def test_cca_qk_time_blocks_per_program(tiles, monkeypatch):
+    """The GPU forward gives each program several time blocks (NB) and loads the conv taps once; force that path
+    (and small blocks in the backward) in the interpreter: the last program's blocks run past T (masked)."""
+    import importlib
+
+    C_ = importlib.import_module("zaya_kernels.cca_qk.cca_qk")
+    BT, NB = tiles
+    for kernel in ("fwd", "bwd_dy", "bwd_conv"):
+        monkeypatch.setitem(C_.TUNING, kernel, {"BT": BT, "NB": NB})
+    shape = (2, 101, 4, 2, 32)
+    B, T, Hq, Hk, d = shape
+    inputs, cos, sin = make_inputs(*shape, torch.float32, seed=3)
+    go = (torch.randn(B, T, Hq, d, device=DEVICE), torch.randn(B, T, Hk, d, device=DEVICE))
+    (q, k), grads = run(cca_qk_prep, inputs, cos, sin, (Hq, Hk, d), go)
+    (qr, kr), grads_ref = run(cca_qk_prep_ref, inputs, cos, sin, (Hq, Hk, d), go)
+    assert_close("q", qr, q, RATIO32)
+    assert_close("k", kr, k, RATIO32)
+    for name in grads_ref:
+        assert_close(f"d{name}", grads_ref[name], grads[name], RATIO32, atol=1e-6)
+
+
 @pytest.mark.parametrize("split", [1, 2, 5], ids=["split1", "split2", "split5"])
 def test_cca_qk_conv_state_continues_the_sequence(split):
     """Prefill [0, split) then continue [split, T) with conv_state = the last two raw columns (zero-padded when

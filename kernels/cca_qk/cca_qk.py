@@ -119,9 +119,24 @@ def _rope_tables(cos, sin, b, t, jq, T, tmask, D: tl.constexpr):
 # kernels
 
 @triton.jit
+def _conv_weights(g_w, h, co, j, W, D: tl.constexpr, DOT_T: tl.constexpr):
+    """Head-wise conv taps for head h, output dims co + j (j < W), as [D(in), BW(out)] dot operands."""
+    i = tl.arange(0, D)
+    oc = h * D + co + j
+    wmask = (j < W)[None, :]
+    w0 = tl.load(g_w + oc[None, :] * (D * 2) + i[:, None] * 2, mask=wmask, other=0.0).to(DOT_T)
+    w1 = tl.load(g_w + oc[None, :] * (D * 2) + i[:, None] * 2 + 1, mask=wmask, other=0.0).to(DOT_T)
+    return w0, w1
+
+
+@triton.jit
 def _fwd_kernel(qk, state, dw_w, dw_b, g_w, g_b, temp, cos, sin, out, T, eps, sqrt_d,
                 HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, HAS_STATE: tl.constexpr,
-                BT: tl.constexpr, BQ: tl.constexpr, BH: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
+                BT: tl.constexpr, BQ: tl.constexpr, BH: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
+                NB: tl.constexpr):
+    """One program: head h of sequence b over NB consecutive blocks of BT time steps. The head-wise conv's [D, D]
+    taps (the only operand larger than the rows themselves) are loaded once per program and reused by every block,
+    instead of once per BT rows."""
     H: tl.constexpr = HQ + HK
     G: tl.constexpr = HQ // HK
     Q4: tl.constexpr = D // 4
@@ -129,22 +144,40 @@ def _fwd_kernel(qk, state, dw_w, dw_b, g_w, g_b, temp, cos, sin, out, T, eps, sq
     C = H * D
     pid_t, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
-    t = pid_t * BT + tl.arange(0, BT)
-    tmask = t < T
     jq, jh = tl.arange(0, BQ), tl.arange(0, BH)
-    y1, y2, y3 = _pre_norm(qk, state, dw_w, dw_b, g_w, g_b, b, t, h, jq, jh, T, C, HQ, D, G, HAS_STATE, DOT_T, PREC)
-    ss = tl.sum(y1 * y1, 1) + tl.sum(y2 * y2, 1) + tl.sum(y3 * y3, 1)
+    w10, w11 = _conv_weights(g_w, h, 0, jq, Q4, D, DOT_T)
+    w20, w21 = _conv_weights(g_w, h, Q4, jq, Q4, D, DOT_T)
+    w30, w31 = _conv_weights(g_w, h, R, jh, R, D, DOT_T)
+    gb1 = tl.load(g_b + h * D + jq, mask=jq < Q4, other=0.0).to(tl.float32)[None, :]
+    gb2 = tl.load(g_b + h * D + Q4 + jq, mask=jq < Q4, other=0.0).to(tl.float32)[None, :]
+    gb3 = tl.load(g_b + h * D + R + jh, mask=jh < R, other=0.0).to(tl.float32)[None, :]
     tv = tl.load(temp + tl.maximum(h - HQ, 0)).to(tl.float32)
-    scale = sqrt_d / tl.maximum(tl.sqrt(ss), eps) * tl.where(h >= HQ, tv, 1.0)
-    z1, z2, z3 = y1 * scale[:, None], y2 * scale[:, None], y3 * scale[:, None]
-    c1, c2, s1, s2 = _rope_tables(cos, sin, b, t, jq, T, tmask, D)
-    o1 = z1 * c1 - z2 * s1
-    o2 = z2 * c2 + z1 * s2
-    base = out + ((b * T + t) * H + h)[:, None] * D
-    mq = tmask[:, None] & (jq < Q4)[None, :]
-    tl.store(base + jq[None, :], o1.to(out.dtype.element_ty), mask=mq)
-    tl.store(base + Q4 + jq[None, :], o2.to(out.dtype.element_ty), mask=mq)
-    tl.store(base + R + jh[None, :], z3.to(out.dtype.element_ty), mask=tmask[:, None] & (jh < R)[None, :])
+    tscale = tl.where(h >= HQ, tv, 1.0) * sqrt_d
+    mq0 = (jq < Q4)[None, :]
+    mh0 = (jh < R)[None, :]
+    for it in range(NB):
+        t = (pid_t * NB + it) * BT + tl.arange(0, BT)
+        tmask = t < T
+        a0, a1 = _depthwise(qk, state, dw_w, dw_b, b, t, h, T, C, D, HAS_STATE)
+        a0, a1 = a0.to(DOT_T), a1.to(DOT_T)
+        y1 = tl.dot(a0, w10, input_precision=PREC) + tl.dot(a1, w11, input_precision=PREC) + gb1
+        y1 += _skip(qk, state, b, t, h, 0, jq, Q4, T, C, HQ, D, G, HAS_STATE)
+        y2 = tl.dot(a0, w20, input_precision=PREC) + tl.dot(a1, w21, input_precision=PREC) + gb2
+        y2 += _skip(qk, state, b, t, h, Q4, jq, Q4, T, C, HQ, D, G, HAS_STATE)
+        y3 = tl.dot(a0, w30, input_precision=PREC) + tl.dot(a1, w31, input_precision=PREC) + gb3
+        y3 += _skip(qk, state, b, t, h, R, jh, R, T, C, HQ, D, G, HAS_STATE)
+        y1, y2, y3 = tl.where(mq0, y1, 0.0), tl.where(mq0, y2, 0.0), tl.where(mh0, y3, 0.0)   # padded chunk lanes
+        ss = tl.sum(y1 * y1, 1) + tl.sum(y2 * y2, 1) + tl.sum(y3 * y3, 1)
+        scale = tscale / tl.maximum(tl.sqrt(ss), eps)
+        z1, z2, z3 = y1 * scale[:, None], y2 * scale[:, None], y3 * scale[:, None]
+        c1, c2, s1, s2 = _rope_tables(cos, sin, b, t, jq, T, tmask, D)
+        o1 = z1 * c1 - z2 * s1
+        o2 = z2 * c2 + z1 * s2
+        base = out + ((b * T + t) * H + h)[:, None] * D
+        mq = tmask[:, None] & mq0
+        tl.store(base + jq[None, :], o1.to(out.dtype.element_ty), mask=mq)
+        tl.store(base + Q4 + jq[None, :], o2.to(out.dtype.element_ty), mask=mq)
+        tl.store(base + R + jh[None, :], z3.to(out.dtype.element_ty), mask=tmask[:, None] & mh0)
 
 
 @triton.jit
@@ -191,10 +224,12 @@ def _bwd_dy_kernel(qk, dw_w, dw_b, g_w, g_b, temp, cos, sin, dout, dy, dtemp_par
 
 
 @triton.jit
-def _bwd_conv_kernel(qk, dw_w, dw_b, g_w, dy, dqk, d_dw_w, d_dw_b, d_g_w, d_g_b, T,
+def _bwd_conv_kernel(qk, dw_w, dw_b, g_w, dy, dqk, d_dw_w, d_dw_b, a_out, T,
                      HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
                      DOT_T: tl.constexpr, PREC: tl.constexpr):
-    """dy [B, T, C] -> dqk [B, T, C] and the conv weight grads (fp32, atomically accumulated).
+    """dy [B, T, C] -> dqk [B, T, C], the depthwise weight grads (fp32, atomically accumulated: [C] vectors) and
+    the depthwise output a [B, T+1, C] (in qk's dtype), from which the launcher gets the head-wise weight grads as one
+    batched GEMM per tap (dW_k = dy^T a[. + k] per head; [D, D] atomics from every program were ~7 ms at 4096 tokens).
 
     Rows r cover [0, T] (T+1 rows): the depthwise output a has T+1 positions, a[s] = w0 u[s-2] + w1 u[s-1] + b
     (u = raw columns, u[<0] = pad), and y[t] = W0 a[t] + W1 a[t+1] + gb. Hence da[s] = W0^T dy[s] + W1^T dy[s-1],
@@ -236,67 +271,81 @@ def _bwd_conv_kernel(qk, dw_w, dw_b, g_w, dy, dqk, d_dw_w, d_dw_b, d_g_w, d_g_b,
     # depthwise weight grads from the rows this program owns (s = r in [0, T]; da[s > T] is zero by the masks)
     u_m2 = _load_u(qk, qk, b, r - 2, ch, T, C, False)
     u_m1 = _load_u(qk, qk, b, r - 1, ch, T, C, False)
-    u_0 = _load_u(qk, qk, b, r, ch, T, C, False)
     tl.atomic_add(d_dw_w + ch * 2, tl.sum(da_r * u_m2, 0))
     tl.atomic_add(d_dw_w + ch * 2 + 1, tl.sum(da_r * u_m1, 0))
     tl.atomic_add(d_dw_b + ch, tl.sum(tl.where((r <= T)[:, None], da_r, 0.0), 0))
-    # grouped weight grads: dW_k[c, i] = sum_t dy[t, c] a[t + k, i]   (dy rows >= T are zero)
+    # the depthwise output a[s] (s = r in [0, T]) for the head-wise weight grads, reduced outside by a GEMM
     dwb = tl.load(dw_b + ch).to(tl.float32)[None, :]
     a_r = dw0 * u_m2 + dw1 * u_m1 + dwb
-    a_p1 = dw0 * u_m1 + dw1 * u_0 + dwb
-    dyt = tl.trans(dy_r).to(DOT_T)
-    gw_ptr = d_g_w + ch[:, None] * (D * 2) + i[None, :] * 2
-    tl.atomic_add(gw_ptr, tl.dot(dyt, a_r.to(DOT_T), input_precision=PREC))
-    tl.atomic_add(gw_ptr + 1, tl.dot(dyt, a_p1.to(DOT_T), input_precision=PREC))
-    tl.atomic_add(d_g_b + ch, tl.sum(dy_r, 0))
+    tl.store(a_out + (b * (T + 1) + r)[:, None] * C + ch[None, :], a_r.to(a_out.dtype.element_ty), mask=(r <= T)[:, None])
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # launchers
 
-def _blocks(T: int, d: int):
-    # The interpreter's cost is per program per op, so it gets one big time block. On a GPU (sm_90, compiled
-    # ahead of time with ptxas): d=128 with BT=16 and 8 warps fits the registers without spilling (BT=32 spills).
+# Launch settings, filled by benchmarks/tune_kernels.py to try variants ({"fwd": {"BT": 32, "num_warps": 4}, ...}).
+TUNING: dict[str, dict] = {}
+
+
+def _cfg(kernel: str, T: int, d: int) -> dict:
+    """Time block BT, warps and stages of one kernel ("fwd", "bwd_dy", "bwd_conv"), overridden by TUNING[kernel].
+
+    The interpreter's cost is per program per op, so it gets one big time block. On an H100 at d=128 (bf16, B2 T4096,
+    benchmarks/tune_kernels.py): the forward with BT=16 and 4 warps ran in 0.207 ms against 0.367 ms with 8 warps."""
     BT = min(pow2(T + 1), 256) if INTERPRET else (16 if d >= 128 else 32)
-    return BT, pow2(d // 4), pow2(d // 2)
+    warps, stages = 4, 1 if INTERPRET or kernel == "bwd_dy" else 3   # bwd_dy: 1.72 ms fwd+bwd vs 1.94 with 3 stages
+    if not INTERPRET and kernel == "bwd_conv":
+        BT, warps = 64, 8   # H100, d=128: 64 x 8 warps was fastest (tune_kernels.py)
+    cfg = dict(BT=BT, num_warps=warps, num_stages=stages, NB=1 if INTERPRET else 8)   # NB: time blocks per program
+    cfg.update(TUNING.get(kernel, {}))
+    cfg["BQ"], cfg["BH"] = pow2(d // 4), pow2(d // 2)
+    return cfg
 
 
-def _warps(d: int, conv_bwd: bool = False) -> int:
-    # the transposed-conv kernel holds four dy tiles and both [d, d] taps: 4 warps spill least there
-    return 4 if conv_bwd or d < 128 else 8
+def _opts(c: dict) -> dict:
+    return dict(num_warps=c["num_warps"], num_stages=c["num_stages"])
 
 
 def cca_qk_fwd(qk, dw_weight, dw_bias, g_weight, g_bias, temp, cos, sin, Hq, Hk, d, conv_state=None):
     B, T, C = qk.shape
     out = torch.empty(B, T, Hq + Hk, d, device=qk.device, dtype=qk.dtype)
-    BT, BQ, BH = _blocks(T, d)
+    c = _cfg("fwd", T, d)
+    BT, BQ, BH = c["BT"], c["BQ"], c["BH"]
     DOT_T, PREC = dot_dtype(qk.dtype)
     state = conv_state.contiguous() if conv_state is not None else qk
-    grid = (triton.cdiv(T, BT), B * (Hq + Hk))
+    NB = max(1, min(c["NB"], triton.cdiv(T, BT)))
+    grid = (triton.cdiv(T, BT * NB), B * (Hq + Hk))
     _fwd_kernel[grid](qk, state, dw_weight, dw_bias, g_weight, g_bias, temp, cos, sin, out, T,
                       torch.finfo(qk.dtype).eps, math.sqrt(d), HQ=Hq, HK=Hk, D=d, HAS_STATE=conv_state is not None,
-                      BT=BT, BQ=BQ, BH=BH, DOT_T=DOT_T, PREC=PREC, num_warps=_warps(d))
+                      BT=BT, BQ=BQ, BH=BH, DOT_T=DOT_T, PREC=PREC, NB=NB, **_opts(c))
     return out
 
 
 def cca_qk_bwd(dout, qk, dw_weight, dw_bias, g_weight, g_bias, temp, cos, sin, Hq, Hk, d):
     B, T, C = qk.shape
     H = Hq + Hk
-    BT, BQ, BH = _blocks(T, d)
+    c, cc = _cfg("bwd_dy", T, d), _cfg("bwd_conv", T, d)
+    BT, BQ, BH = c["BT"], c["BQ"], c["BH"]
     DOT_T, PREC = dot_dtype(qk.dtype)
     NT = triton.cdiv(T, BT)
     dy = torch.empty(B, T, C, device=qk.device, dtype=torch.float32)
     dtemp_part = torch.empty(B, NT, H, device=qk.device, dtype=torch.float32)
     _bwd_dy_kernel[(NT, B * H)](qk, dw_weight, dw_bias, g_weight, g_bias, temp, cos, sin, dout, dy, dtemp_part,
                                 T, NT, torch.finfo(qk.dtype).eps, math.sqrt(d), HQ=Hq, HK=Hk, D=d,
-                                BT=BT, BQ=BQ, BH=BH, DOT_T=DOT_T, PREC=PREC, num_warps=_warps(d))
+                                BT=BT, BQ=BQ, BH=BH, DOT_T=DOT_T, PREC=PREC, **_opts(c))
     dqk = torch.empty_like(qk)
     f32 = dict(device=qk.device, dtype=torch.float32)
     d_dw_w, d_dw_b = torch.zeros(C, 1, 2, **f32), torch.zeros(C, **f32)
-    d_g_w, d_g_b = torch.zeros(C, d, 2, **f32), torch.zeros(C, **f32)
-    _bwd_conv_kernel[(triton.cdiv(T + 1, BT), B * H)](qk, dw_weight, dw_bias, g_weight, dy, dqk, d_dw_w, d_dw_b,
-                                                       d_g_w, d_g_b, T, HQ=Hq, HK=Hk, D=d, BT=BT,
-                                                       DOT_T=DOT_T, PREC=PREC, num_warps=_warps(d, True))
+    a = torch.empty(B, T + 1, C, device=qk.device, dtype=qk.dtype)   # fp32 for fp32 inputs, else half
+    _bwd_conv_kernel[(triton.cdiv(T + 1, cc["BT"]), B * H)](qk, dw_weight, dw_bias, g_weight, dy, dqk, d_dw_w, d_dw_b,
+                                                           a, T, HQ=Hq, HK=Hk, D=d, BT=cc["BT"],
+                                                           DOT_T=DOT_T, PREC=PREC, **_opts(cc))
+    # head-wise conv weight grads: dW_k[h d + c, i] = sum_(b, t) dy[b, t, h d + c] a[b, t + k, h d + i], one batched
+    # GEMM per tap in the inputs' precision (half operands, fp32 accumulation, as torch's own conv backward does)
+    dy_h = dy.to(qk.dtype).view(B * T, H, d).permute(1, 2, 0)                       # [H, d(c), B T]
+    d_g_w = torch.stack([torch.bmm(dy_h, a[:, k:T + k].reshape(B * T, H, d).transpose(0, 1)) for k in (0, 1)], -1)
+    d_g_w = d_g_w.float().reshape(C, d, 2)
+    d_g_b = dy.sum((0, 1))
     dtemp = dtemp_part.sum((0, 1))[Hq:]
     return dqk, d_dw_w, d_dw_b, d_g_w, d_g_b, dtemp
 
