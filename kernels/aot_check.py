@@ -34,10 +34,11 @@ A = importlib.import_module(f"{__package__ or 'zaya_kernels'}.latent_attention.l
 M = importlib.import_module(f"{__package__ or 'zaya_kernels'}.moe_experts.moe_experts")
 
 
-def compile_one(fn, types: dict, const: dict, num_warps: int, arch: int) -> str:
+def compile_one(fn, types: dict, const: dict, opts, arch: int) -> str:
+    """opts: num_warps (int) or a dict of compile options (num_warps, num_stages)."""
     sig = {a: ("constexpr" if a in const else types.get(a, "i32")) for a in fn.arg_names}
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(a),): v for a, v in const.items()})
-    k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts if isinstance(opts, dict) else {"num_warps": opts})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])
         f.flush()
@@ -52,37 +53,43 @@ def jobs(dt: torch.dtype):
     DOT_T, PREC = (tl.float32, "ieee") if dt == torch.float32 else ({torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dt], "tf32")
     Hq, Hk, d, T = 8, 2, 128, 4096
     # cca_qk
-    BT, BQ, BH = C._blocks(T, d)
+    cf, cd, cv = C._cfg("fwd", T, d), C._cfg("bwd_dy", T, d), C._cfg("bwd_conv", T, d)
+    BQ, BH = cf["BQ"], cf["BH"]
     ty = {n: p for n in ("qk", "state", "dw_w", "dw_b", "g_w", "g_b", "temp", "cos", "sin", "out", "dout", "dqk")}
-    ty.update(eps="fp32", sqrt_d="fp32", dy="*fp32", dtemp_part="*fp32", d_dw_w="*fp32", d_dw_b="*fp32",
+    ty.update(eps="fp32", sqrt_d="fp32", dy="*fp32", dtemp_part="*fp32", d_dw_w="*fp32", d_dw_b="*fp32", a_out=p,
               d_g_w="*fp32", d_g_b="*fp32")
-    cc = dict(HQ=Hq, HK=Hk, D=d, BT=BT, DOT_T=DOT_T, PREC=PREC)
+    cc = dict(HQ=Hq, HK=Hk, D=d, DOT_T=DOT_T, PREC=PREC)
     for hs in (False, True):
-        yield f"cca_qk fwd (conv_state={hs})", C._fwd_kernel, ty, {**cc, "BQ": BQ, "BH": BH, "HAS_STATE": hs}, C._warps(d)
-    yield "cca_qk bwd dy", C._bwd_dy_kernel, ty, {**cc, "BQ": BQ, "BH": BH}, C._warps(d)
-    yield "cca_qk bwd conv", C._bwd_conv_kernel, ty, cc, C._warps(d, True)
+        yield f"cca_qk fwd (conv_state={hs})", C._fwd_kernel, ty, {**cc, "BT": cf["BT"], "BQ": BQ, "BH": BH, "HAS_STATE": hs,
+                                                                      "NB": cf["NB"]}, C._opts(cf)
+    yield "cca_qk bwd dy", C._bwd_dy_kernel, ty, {**cc, "BT": cd["BT"], "BQ": BQ, "BH": BH}, C._opts(cd)
+    yield "cca_qk bwd conv", C._bwd_conv_kernel, ty, {**cc, "BT": cv["BT"]}, C._opts(cv)
     # latent attention
-    BM, BN = A._blocks(T, d, dt)
+    fc, bc = A._cfg("fwd", T, d, dt), A._cfg("bwd", T, d, dt)
+    opts = lambda c: {"num_warps": c["num_warps"], "num_stages": c["num_stages"]}  # noqa: E731
     ty = {n: p for n in ("q", "k", "v", "o", "do", "dq", "dk", "dv")}
     ty.update(lse="*fp32", delta="*fp32", key_start="*i64", sm_scale="fp32", lengths="*i64", o_part="*fp32",
               lse_part="*fp32")
-    ac = dict(HQ=Hq, G=Hq // Hk, D=d, BM=BM, BN=BN, HAS_START=True, DOT_T=DOT_T, PREC=PREC)
-    yield "attention fwd", A._fwd_kernel, ty, ac, A._warps(d)
-    yield "attention bwd dk/dv", A._bwd_dkdv_kernel, ty, {**ac, "HK": Hk}, A._warps(d)
-    yield "attention bwd dq", A._bwd_dq_kernel, ty, ac, A._warps(d)
+    ac = dict(HQ=Hq, G=Hq // Hk, D=d, HAS_START=True, DOT_T=DOT_T, PREC=PREC)
+    yield "attention fwd", A._fwd_kernel, ty, {**ac, "BM": fc["BM"], "BN": fc["BN"], "REV": fc["REV"]}, opts(fc)
+    ac.update(BM=bc["BM"], BN=bc["BN"])
+    yield "attention bwd dk/dv", A._bwd_dkdv_kernel, ty, {**ac, "HK": Hk}, opts(bc)
+    yield "attention bwd dq", A._bwd_dq_kernel, ty, {**ac, "REV": bc["REV"]}, opts(bc)
     yield "attention decode", A._decode_kernel, ty, dict(HK=Hk, G=Hq // Hk, D=d, BG=16, BN=64, HAS_START=True,
                                                           DOT_T=DOT_T, PREC=PREC), 4
     # moe experts
-    BM, BN, BK = M._blocks(8192, 2048, 2048)
+    mg, mw = M._cfg("gemm", 8192, 2048, 2048), M._cfg("wgrad", 8192, 2048, 2048)
     ty = {n: p for n in ("x", "w_gu", "h", "gu", "a", "w", "c", "aux", "p", "q", "dw", "gate")}
     ty.update(order="*i32", tile_expert="*i32", tile_row="*i32", offsets="*i32")
-    mc = dict(BM=BM, BN=BN, BK=BK, DOT_T=DOT_T, PREC=PREC)
-    yield "moe up + SwiGLU", M._up_swiglu_kernel, ty, {**mc, "SAVE": True}, M.NUM_WARPS
+    mc = dict(BM=mg["BM"], BN=mg["BN"], BK=mg["BK"], DOT_T=DOT_T, PREC=PREC)
+    yield "moe up + SwiGLU", M._up_swiglu_kernel, ty, {**mc, "SAVE": True}, M._opts(mg)
     for epi, name in ((0, "down + gate + scatter"), (1, "dh + SwiGLU bwd"), (2, "dx scatter")):
-        yield f"moe {name}", M._grouped_mm_kernel, ty, {**mc, "EPI": epi, "SAVE": epi == 0}, M.NUM_WARPS
+        yield f"moe {name}", M._grouped_mm_kernel, ty, {**mc, "EPI": epi, "SAVE": epi == 0}, M._opts(mg)
+    yield "moe route map", M._route_kernel, {"sorted_key": "*i64", "offsets": "*i32", "tile_expert": "*i32",
+                                             "tile_row": "*i32"}, dict(E=16, BE=32, BR=1024, BT=512, BM=mg["BM"]), 4
     for g in (False, True):
-        yield f"moe weight grad (gather={g})", M._wgrad_kernel, ty, dict(GATHER_Q=g, BP=BN, BQ=BN, BM=BM, DOT_T=DOT_T,
-                                                                          PREC=PREC), M.NUM_WARPS
+        yield f"moe weight grad (gather={g})", M._wgrad_kernel, ty, dict(GATHER_Q=g, BP=mw["BP"], BQ=mw["BQ"], BM=mw["BM"],
+                                                                          DOT_T=DOT_T, PREC=PREC), M._opts(mw)
 
 
 def main() -> int:
@@ -95,7 +102,8 @@ def main() -> int:
     failed = 0
     for name, fn, ty, const, nw in jobs(dt):
         try:
-            print(f"OK    {name:<34} {compile_one(fn, ty, const, nw, a.arch)}  ({nw} warps)", flush=True)
+            w = nw["num_warps"] if isinstance(nw, dict) else nw
+            print(f"OK    {name:<34} {compile_one(fn, ty, const, nw, a.arch)}  ({w} warps)", flush=True)
         except Exception as e:  # noqa: BLE001 - report every kernel, fail at the end
             failed += 1
             print(f"FAIL  {name:<34} {type(e).__name__}: {str(e)[:600]}", flush=True)

@@ -33,8 +33,11 @@ def _check(name, fn, ref, leaves, args, dys):
     outs32, grads32 = _grads(ref, [x.float() for x in leaves], [a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args], dys)
     for i, (o, oh, o32) in enumerate(zip(outs, outs_h, outs32)):
         assert_half_close(f"{name} out{i}", o32, oh.float(), o.float(), 4 * ULP * o32.abs().max().item())
+    # a gradient that is exactly 0 in exact arithmetic (dq of a single token: softmax over one key) is rounding
+    # noise in both half-precision paths: judge it against 1% of the largest gradient's scale
+    floor = 0.01 * max(g.abs().max().item() for g in grads32)
     for i, (g, gh, g32) in enumerate(zip(grads, grads_h, grads32)):
-        assert_half_close(f"{name} grad{i}", g32, gh.float(), g.float(), 4 * ULP * g32.abs().max().item())
+        assert_half_close(f"{name} grad{i}", g32, gh.float(), g.float(), 4 * ULP * max(g32.abs().max().item(), floor))
 
 
 @pytest.mark.gpu
