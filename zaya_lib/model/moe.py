@@ -86,7 +86,8 @@ class Router(nn.Module):
             with torch.no_grad():
                 if self.load_counts.device != probs.device:  # first use on this device (or created on meta)
                     self.reset_stats(probs.device)
-                self.load_counts += torch.bincount(choice, minlength=self.K).to(self.load_counts.dtype)
+                # index_add_ rather than bincount: a static output shape, so torch.compile keeps one graph
+                self.load_counts.index_add_(0, choice, torch.ones_like(choice, dtype=self.load_counts.dtype))
                 p = probs.detach()
                 self.prob_sum += p.sum(0)
                 self.entropy_sum += -(p * p.clamp_min(1e-12).log()).sum()
@@ -181,10 +182,13 @@ class _SortedSwiGLU(torch.autograd.Function):
         return gx, gW1, gW2, None
 
 
+@torch.compiler.disable
 def experts_forward_eager(x_ND, choice, gate, gate_up_proj, down_proj, num_experts: int):
     """y_n = gate_n * W2_e (silu(W1g_e x_n) * W1u_e x_n) for e = choice_n (< E); 0 for the skip slot.
 
     Tokens are sorted by expert once (stable); each expert's contiguous block goes through its own GEMMs.
+    Excluded from torch.compile (TrainConfig.compile): the per-expert token counts change every step and would
+    recompile the graph each time; everything around it compiles once per shape.
     """
     N, D = x_ND.shape
     E = num_experts
