@@ -117,18 +117,24 @@ def test_decode_matches_last_row_of_full_attention():
     assert_close("o", full[:, :, -1:], latent_attention_decode(q[:, :, -1:], k, v, L), RATIO32)
 
 
-@pytest.mark.parametrize("starts", [[0, 5], [40, 13], [39, 0]], ids=["pad0_5", "pad40_13", "pad39_0"])
-def test_attention_left_padding_key_start(starts):
-    """key_start masks a left pad: real rows equal the sequence run alone, pad rows are 0, pads get no gradient."""
-    B, Hq, Hk, T, d = 2, 4, 2, 40, 32
-    q, k, v = make_qkv(B, Hq, Hk, T, d, torch.float32, seed=5)
-    ks = torch.tensor(starts, device=DEVICE)
+def check_with_key_start(q, k, v, ks):
+    """Kernel vs the explicit-softmax reference with an optional left pad: output and dq/dk/dv in fp32."""
     do = torch.randn(q.shape, device=DEVICE)
     o, grads = run(lambda a, b_, c: latent_attention(a, b_, c, key_start=ks), q, k, v, do)
     o_ref, grads_ref = run(lambda a, b_, c: latent_attention_ref(a, b_, c, key_start=ks), q, k, v, do)
     assert_close("o", o_ref, o, RATIO32, ATOL32)
     for name, g, gr in zip(("dq", "dk", "dv"), grads, grads_ref):
         assert_close(name, gr, g, RATIO32, ATOL32)
+    return o, grads
+
+
+@pytest.mark.parametrize("starts", [[0, 5], [40, 13], [39, 0]], ids=["pad0_5", "pad40_13", "pad39_0"])
+def test_attention_left_padding_key_start(starts):
+    """key_start masks a left pad: real rows equal the sequence run alone, pad rows are 0, pads get no gradient."""
+    B, Hq, Hk, T, d = 2, 4, 2, 40, 32
+    q, k, v = make_qkv(B, Hq, Hk, T, d, torch.float32, seed=5)
+    ks = torch.tensor(starts, device=DEVICE)
+    o, grads = check_with_key_start(q, k, v, ks)
     for b, st in enumerate(starts):
         assert (o[b, :, :st] == 0).all() and (grads[1][b, :, :st] == 0).all() and (grads[0][b, :, :st] == 0).all()
         if st < T:
@@ -152,13 +158,7 @@ def test_attention_causal_split_tiles(tiles, starts, monkeypatch):
     monkeypatch.setitem(A.TUNING, "fwd", {"BM": BM, "BN": BN})
     monkeypatch.setitem(A.TUNING, "bwd", {"BM": BM, "BN": BN})
     q, k, v = make_qkv(2, 4, 2, 101, 16, torch.float32, seed=9)
-    ks = None if starts is None else torch.tensor(starts, device=DEVICE)
-    do = torch.randn(q.shape, device=DEVICE)
-    o, grads = run(lambda a, b_, c: latent_attention(a, b_, c, key_start=ks), q, k, v, do)
-    o_ref, grads_ref = run(lambda a, b_, c: latent_attention_ref(a, b_, c, key_start=ks), q, k, v, do)
-    assert_close("o", o_ref, o, RATIO32, ATOL32)
-    for name, g, gr in zip(("dq", "dk", "dv"), grads, grads_ref):
-        assert_close(name, gr, g, RATIO32, ATOL32)
+    check_with_key_start(q, k, v, None if starts is None else torch.tensor(starts, device=DEVICE))
     monkeypatch.setitem(A.TUNING, "fwd", {"BM": 16, "BN": 32})
     with pytest.raises(ValueError, match="must divide"):
         latent_attention(q, k, v)
