@@ -23,6 +23,7 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
+from bench_kernels import bench, fwd_bwd, write_json  # noqa: E402  (the same timing and atomic JSON as make bench-kernels)
 
 HQ, HK, HD, DM, E, FF = 8, 2, 128, 2048, 16, 2048   # ZAYA1-8B (architecture.md §1)
 BF16 = torch.bfloat16
@@ -30,11 +31,6 @@ BF16 = torch.bfloat16
 
 def _rel(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
-
-
-def _median_ms(fn) -> float:
-    from triton.testing import do_bench
-    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
 def sweep(module, key: str, variants: list[dict], check, time_fn) -> list[dict]:
@@ -86,14 +82,10 @@ def tune_attention(B: int, T: int) -> list[dict]:
 
     def time_fwd():
         with torch.no_grad():
-            return _median_ms(lambda: zk.latent_attention(q, k, v))
+            return bench(lambda: zk.latent_attention(q, k, v))
 
     def time_fwd_bwd():
-        def run():
-            for x in (q, k, v):
-                x.grad = None
-            zk.latent_attention(q, k, v).backward(do)
-        return _median_ms(run)
+        return bench(fwd_bwd(lambda: zk.latent_attention(q, k, v), [q, k, v], (do,)))
 
     fwd = [dict(BM=bm, BN=bn, num_warps=w, num_stages=st, REV=rev) for bm, bn, w, st, rev in (
         (64, 64, 4, 3, True), (64, 64, 4, 3, False), (64, 64, 4, 2, True), (64, 32, 4, 3, True), (128, 64, 8, 3, True),
@@ -103,7 +95,7 @@ def tune_attention(B: int, T: int) -> list[dict]:
         (64, 64, 4, 4, True), (128, 64, 8, 3, True), (32, 128, 4, 2, True))]
     rows = sweep(A, "fwd", fwd, check_fwd, time_fwd)
     rows += sweep(A, "bwd", bwd, check_bwd, time_fwd_bwd)   # fwd+bwd time, fwd at its default
-    sdpa_ms = _median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+    sdpa_ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                                                      enable_gqa=True))
     rows.append({"kernel": "fwd", "variant": "sdpa (reference)", "ms": round(sdpa_ms, 4)})
     return rows
@@ -139,14 +131,10 @@ def tune_cca_qk(B: int, T: int) -> list[dict]:
 
     def time_fwd():
         with torch.no_grad():
-            return _median_ms(lambda: zk.cca_qk_prep(*leaves, *args))
+            return bench(lambda: zk.cca_qk_prep(*leaves, *args))
 
     def time_fwd_bwd():
-        def run():
-            for x in leaves:
-                x.grad = None
-            torch.autograd.backward(zk.cca_qk_prep(*leaves, *args), dys)
-        return _median_ms(run)
+        return bench(fwd_bwd(lambda: zk.cca_qk_prep(*leaves, *args), leaves, dys))
 
     fwd = [dict(BT=bt, num_warps=w, num_stages=st, NB=nb) for bt, w, st, nb in (
         (16, 4, 1, 8), (16, 4, 3, 8), (16, 4, 3, 1), (32, 4, 1, 4), (32, 4, 3, 4), (32, 8, 3, 4), (64, 4, 2, 2),
@@ -187,14 +175,10 @@ def tune_moe(N: int) -> list[dict]:
 
     def time_fwd():
         with torch.no_grad():
-            return _median_ms(lambda: zk.moe_experts(x, idx, gate, w_gu, w_d))
+            return bench(lambda: zk.moe_experts(x, idx, gate, w_gu, w_d))
 
     def time_fwd_bwd():
-        def run():
-            for t in leaves:
-                t.grad = None
-            zk.moe_experts(x, idx, gate, w_gu, w_d).backward(dy)
-        return _median_ms(run)
+        return bench(fwd_bwd(lambda: zk.moe_experts(x, idx, gate, w_gu, w_d), leaves, (dy,)))
 
     gemm = [dict(BM=bm, BN=bn, BK=bk, num_warps=w, num_stages=st) for bm, bn, bk, w, st in (
         (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 3), (64, 128, 64, 8, 4), (128, 64, 64, 4, 3),
@@ -293,7 +277,6 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("tune_kernels: needs a CUDA device (the interpreter's timings mean nothing)")
         return 2
-    from bench_kernels import write_json
     torch.manual_seed(0)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": __import__("triton").__version__, "rows": []}

@@ -54,6 +54,11 @@ def check_device(name: str, x: torch.Tensor) -> None:
                          "before zaya_kernels is imported to run them in the CPU interpreter")
 
 
+def launch_opts(cfg: dict) -> dict:
+    """The compile options of a kernel's launch settings (each module's `_cfg`): warps and pipeline stages."""
+    return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
 def pow2(n: int, lo: int = 16) -> int:
     """Next power of two >= n, at least `lo` (GPU tl.dot needs every dimension >= 16)."""
     return max(lo, triton_next_pow2(n))

@@ -32,6 +32,7 @@ from triton.compiler import ASTSource  # noqa: E402
 C = importlib.import_module(f"{__package__ or 'zaya_kernels'}.cca_qk.cca_qk")
 A = importlib.import_module(f"{__package__ or 'zaya_kernels'}.latent_attention.latent_attention")
 M = importlib.import_module(f"{__package__ or 'zaya_kernels'}.moe_experts.moe_experts")
+launch_opts = importlib.import_module(f"{__package__ or 'zaya_kernels'}._utils").launch_opts
 
 
 def compile_one(fn, types: dict, const: dict, opts, arch: int) -> str:
@@ -61,20 +62,19 @@ def jobs(dt: torch.dtype):
     cc = dict(HQ=Hq, HK=Hk, D=d, DOT_T=DOT_T, PREC=PREC)
     for hs in (False, True):
         yield f"cca_qk fwd (conv_state={hs})", C._fwd_kernel, ty, {**cc, "BT": cf["BT"], "BQ": BQ, "BH": BH, "HAS_STATE": hs,
-                                                                      "NB": cf["NB"]}, C._opts(cf)
-    yield "cca_qk bwd dy", C._bwd_dy_kernel, ty, {**cc, "BT": cd["BT"], "BQ": BQ, "BH": BH}, C._opts(cd)
-    yield "cca_qk bwd conv", C._bwd_conv_kernel, ty, {**cc, "BT": cv["BT"]}, C._opts(cv)
+                                                                      "NB": cf["NB"]}, launch_opts(cf)
+    yield "cca_qk bwd dy", C._bwd_dy_kernel, ty, {**cc, "BT": cd["BT"], "BQ": BQ, "BH": BH}, launch_opts(cd)
+    yield "cca_qk bwd conv", C._bwd_conv_kernel, ty, {**cc, "BT": cv["BT"]}, launch_opts(cv)
     # latent attention
     fc, bc = A._cfg("fwd", T, d, dt), A._cfg("bwd", T, d, dt)
-    opts = lambda c: {"num_warps": c["num_warps"], "num_stages": c["num_stages"]}  # noqa: E731
     ty = {n: p for n in ("q", "k", "v", "o", "do", "dq", "dk", "dv")}
     ty.update(lse="*fp32", delta="*fp32", key_start="*i64", sm_scale="fp32", lengths="*i64", o_part="*fp32",
               lse_part="*fp32")
     ac = dict(HQ=Hq, G=Hq // Hk, D=d, HAS_START=True, DOT_T=DOT_T, PREC=PREC)
-    yield "attention fwd", A._fwd_kernel, ty, {**ac, "BM": fc["BM"], "BN": fc["BN"], "REV": fc["REV"]}, opts(fc)
+    yield "attention fwd", A._fwd_kernel, ty, {**ac, "BM": fc["BM"], "BN": fc["BN"], "REV": fc["REV"]}, launch_opts(fc)
     ac.update(BM=bc["BM"], BN=bc["BN"])
-    yield "attention bwd dk/dv", A._bwd_dkdv_kernel, ty, {**ac, "HK": Hk}, opts(bc)
-    yield "attention bwd dq", A._bwd_dq_kernel, ty, {**ac, "REV": bc["REV"]}, opts(bc)
+    yield "attention bwd dk/dv", A._bwd_dkdv_kernel, ty, {**ac, "HK": Hk}, launch_opts(bc)
+    yield "attention bwd dq", A._bwd_dq_kernel, ty, {**ac, "REV": bc["REV"]}, launch_opts(bc)
     yield "attention decode", A._decode_kernel, ty, dict(HK=Hk, G=Hq // Hk, D=d, BG=16, BN=64, HAS_START=True,
                                                           DOT_T=DOT_T, PREC=PREC), 4
     # moe experts
@@ -82,14 +82,14 @@ def jobs(dt: torch.dtype):
     ty = {n: p for n in ("x", "w_gu", "h", "gu", "a", "w", "c", "aux", "p", "q", "dw", "gate")}
     ty.update(order="*i32", tile_expert="*i32", tile_row="*i32", offsets="*i32")
     mc = dict(BM=mg["BM"], BN=mg["BN"], BK=mg["BK"], DOT_T=DOT_T, PREC=PREC)
-    yield "moe up + SwiGLU", M._up_swiglu_kernel, ty, {**mc, "SAVE": True}, M._opts(mg)
+    yield "moe up + SwiGLU", M._up_swiglu_kernel, ty, {**mc, "SAVE": True}, launch_opts(mg)
     for epi, name in ((0, "down + gate + scatter"), (1, "dh + SwiGLU bwd"), (2, "dx scatter")):
-        yield f"moe {name}", M._grouped_mm_kernel, ty, {**mc, "EPI": epi, "SAVE": epi == 0}, M._opts(mg)
+        yield f"moe {name}", M._grouped_mm_kernel, ty, {**mc, "EPI": epi, "SAVE": epi == 0}, launch_opts(mg)
     yield "moe route map", M._route_kernel, {"sorted_key": "*i64", "offsets": "*i32", "tile_expert": "*i32",
                                              "tile_row": "*i32"}, dict(E=16, BE=32, BR=1024, BT=512, BM=mg["BM"]), 4
     for g in (False, True):
         yield f"moe weight grad (gather={g})", M._wgrad_kernel, ty, dict(GATHER_Q=g, BP=mw["BP"], BQ=mw["BQ"], BM=mw["BM"],
-                                                                          DOT_T=DOT_T, PREC=PREC), M._opts(mw)
+                                                                          DOT_T=DOT_T, PREC=PREC), launch_opts(mw)
 
 
 def main() -> int:

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._utils import INTERPRET, check_tensor, dot_dtype, pow2
+from .._utils import INTERPRET, check_tensor, dot_dtype, launch_opts, pow2
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -61,16 +61,23 @@ def _skip(qk, state, b, t, h, co, j, W, T, C, HQ: tl.constexpr, D: tl.constexpr,
 
 
 @triton.jit
-def _conv_chunk(a0, a1, g_w, g_b, h, co, j, W, D: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
-    """Grouped (head-wise) conv output for head h, dims co + j: a[t] @ W_tap0^T + a[t+1] @ W_tap1^T + bias -> [BT, BW]."""
+def _conv_weights(g_w, h, co, j, W, D: tl.constexpr, DOT_T: tl.constexpr):
+    """Head-wise conv taps for head h, output dims co + j (j < W), as [D(in), BW(out)] dot operands."""
     i = tl.arange(0, D)
     oc = h * D + co + j
     wmask = (j < W)[None, :]
-    w0 = tl.load(g_w + oc[None, :] * (D * 2) + i[:, None] * 2, mask=wmask, other=0.0)       # [D(in), BW(out)]
-    w1 = tl.load(g_w + oc[None, :] * (D * 2) + i[:, None] * 2 + 1, mask=wmask, other=0.0)
-    y = tl.dot(a0.to(DOT_T), w0.to(DOT_T), input_precision=PREC)
-    y += tl.dot(a1.to(DOT_T), w1.to(DOT_T), input_precision=PREC)
-    y += tl.load(g_b + oc, mask=j < W, other=0.0).to(tl.float32)[None, :]
+    w0 = tl.load(g_w + oc[None, :] * (D * 2) + i[:, None] * 2, mask=wmask, other=0.0).to(DOT_T)
+    w1 = tl.load(g_w + oc[None, :] * (D * 2) + i[:, None] * 2 + 1, mask=wmask, other=0.0).to(DOT_T)
+    return w0, w1
+
+
+@triton.jit
+def _conv_chunk(a0, a1, g_w, g_b, h, co, j, W, D: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
+    """Grouped (head-wise) conv output for head h, dims co + j: a[t] @ W_tap0^T + a[t+1] @ W_tap1^T + bias -> [BT, BW]."""
+    w0, w1 = _conv_weights(g_w, h, co, j, W, D, DOT_T)
+    y = tl.dot(a0.to(DOT_T), w0, input_precision=PREC)
+    y += tl.dot(a1.to(DOT_T), w1, input_precision=PREC)
+    y += tl.load(g_b + h * D + co + j, mask=j < W, other=0.0).to(tl.float32)[None, :]
     return y
 
 
@@ -117,17 +124,6 @@ def _rope_tables(cos, sin, b, t, jq, T, tmask, D: tl.constexpr):
 
 # ----------------------------------------------------------------------------------------------------------------
 # kernels
-
-@triton.jit
-def _conv_weights(g_w, h, co, j, W, D: tl.constexpr, DOT_T: tl.constexpr):
-    """Head-wise conv taps for head h, output dims co + j (j < W), as [D(in), BW(out)] dot operands."""
-    i = tl.arange(0, D)
-    oc = h * D + co + j
-    wmask = (j < W)[None, :]
-    w0 = tl.load(g_w + oc[None, :] * (D * 2) + i[:, None] * 2, mask=wmask, other=0.0).to(DOT_T)
-    w1 = tl.load(g_w + oc[None, :] * (D * 2) + i[:, None] * 2 + 1, mask=wmask, other=0.0).to(DOT_T)
-    return w0, w1
-
 
 @triton.jit
 def _fwd_kernel(qk, state, dw_w, dw_b, g_w, g_b, temp, cos, sin, out, T, eps, sqrt_d,
@@ -302,10 +298,6 @@ def _cfg(kernel: str, T: int, d: int) -> dict:
     return cfg
 
 
-def _opts(c: dict) -> dict:
-    return dict(num_warps=c["num_warps"], num_stages=c["num_stages"])
-
-
 def cca_qk_fwd(qk, dw_weight, dw_bias, g_weight, g_bias, temp, cos, sin, Hq, Hk, d, conv_state=None):
     B, T, C = qk.shape
     out = torch.empty(B, T, Hq + Hk, d, device=qk.device, dtype=qk.dtype)
@@ -317,7 +309,7 @@ def cca_qk_fwd(qk, dw_weight, dw_bias, g_weight, g_bias, temp, cos, sin, Hq, Hk,
     grid = (triton.cdiv(T, BT * NB), B * (Hq + Hk))
     _fwd_kernel[grid](qk, state, dw_weight, dw_bias, g_weight, g_bias, temp, cos, sin, out, T,
                       torch.finfo(qk.dtype).eps, math.sqrt(d), HQ=Hq, HK=Hk, D=d, HAS_STATE=conv_state is not None,
-                      BT=BT, BQ=BQ, BH=BH, DOT_T=DOT_T, PREC=PREC, NB=NB, **_opts(c))
+                      BT=BT, BQ=BQ, BH=BH, DOT_T=DOT_T, PREC=PREC, NB=NB, **launch_opts(c))
     return out
 
 
@@ -332,14 +324,14 @@ def cca_qk_bwd(dout, qk, dw_weight, dw_bias, g_weight, g_bias, temp, cos, sin, H
     dtemp_part = torch.empty(B, NT, H, device=qk.device, dtype=torch.float32)
     _bwd_dy_kernel[(NT, B * H)](qk, dw_weight, dw_bias, g_weight, g_bias, temp, cos, sin, dout, dy, dtemp_part,
                                 T, NT, torch.finfo(qk.dtype).eps, math.sqrt(d), HQ=Hq, HK=Hk, D=d,
-                                BT=BT, BQ=BQ, BH=BH, DOT_T=DOT_T, PREC=PREC, **_opts(c))
+                                BT=BT, BQ=BQ, BH=BH, DOT_T=DOT_T, PREC=PREC, **launch_opts(c))
     dqk = torch.empty_like(qk)
     f32 = dict(device=qk.device, dtype=torch.float32)
     d_dw_w, d_dw_b = torch.zeros(C, 1, 2, **f32), torch.zeros(C, **f32)
     a = torch.empty(B, T + 1, C, device=qk.device, dtype=qk.dtype)   # fp32 for fp32 inputs, else half
     _bwd_conv_kernel[(triton.cdiv(T + 1, cc["BT"]), B * H)](qk, dw_weight, dw_bias, g_weight, dy, dqk, d_dw_w, d_dw_b,
                                                            a, T, HQ=Hq, HK=Hk, D=d, BT=cc["BT"],
-                                                           DOT_T=DOT_T, PREC=PREC, **_opts(cc))
+                                                           DOT_T=DOT_T, PREC=PREC, **launch_opts(cc))
     # head-wise conv weight grads: dW_k[h d + c, i] = sum_(b, t) dy[b, t, h d + c] a[b, t + k, h d + i], one batched
     # GEMM per tap in the inputs' precision (half operands, fp32 accumulation, as torch's own conv backward does)
     dy_h = dy.to(qk.dtype).view(B * T, H, d).permute(1, 2, 0)                       # [H, d(c), B T]

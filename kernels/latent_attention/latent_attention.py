@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._utils import INTERPRET, check_tensor, dot_dtype, pow2
+from .._utils import INTERPRET, check_tensor, dot_dtype, launch_opts, pow2
 
 LOG2E = 1.4426950408889634
 
@@ -70,8 +70,9 @@ def _fwd_kernel(q, k, v, o, lse, key_start, sm_scale, T,
                 HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                 HAS_START: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr, REV: tl.constexpr):
     """One program: BM query rows of query head h. REV: the last query blocks (the most key blocks) start first, so
-    the causal triangle's long programs do not form the tail of the launch. Key blocks [lo, diag) lie wholly below the causal diagonal and run
-    unmasked; [diag, hi) get the causal/length mask (BN divides BM, so diag = pid_m * BM is a block boundary)."""
+    the causal triangle's long programs do not form the tail of the launch. Key blocks [lo, diag) lie wholly below
+    the causal diagonal and run unmasked; [diag, hi) get the causal/length mask (BN divides BM, so diag = pid_m * BM
+    is a block boundary)."""
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     if REV:
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -280,7 +281,7 @@ def attention_fwd(q, k, v, scale, key_start=None):
     _fwd_kernel[(triton.cdiv(T, BM), B * Hq)](q, k, v, o, lse, key_start if key_start is not None else lse, scale, T,
                                               *_strides(q), *_strides(k), *_strides(v), HQ=Hq, G=Hq // Hk, D=d,
                                               BM=BM, BN=BN, HAS_START=key_start is not None, DOT_T=DOT_T, PREC=PREC,
-                                              REV=c["REV"], num_warps=c["num_warps"], num_stages=c["num_stages"])
+                                              REV=c["REV"], **launch_opts(c))
     return o, lse
 
 
@@ -299,11 +300,10 @@ def attention_bwd(do, q, k, v, o, lse, scale, key_start=None):
     ks, has = (key_start, True) if key_start is not None else (lse, False)
     _bwd_dkdv_kernel[(triton.cdiv(T, BN), B * Hk)](q, k, v, do, lse, delta, dk, dv, ks, scale, T, *st,
                                                    HQ=Hq, HK=Hk, G=Hq // Hk, D=d, BM=BM, BN=BN, HAS_START=has,
-                                                   DOT_T=DOT_T, PREC=PREC, num_warps=c["num_warps"], num_stages=c["num_stages"])
+                                                   DOT_T=DOT_T, PREC=PREC, **launch_opts(c))
     _bwd_dq_kernel[(triton.cdiv(T, BM), B * Hq)](q, k, v, do, lse, delta, dq, ks, scale, T, *st,
                                                  HQ=Hq, G=Hq // Hk, D=d, BM=BM, BN=BN, HAS_START=has, DOT_T=DOT_T,
-                                                 PREC=PREC, REV=c["REV"], num_warps=c["num_warps"],
-                                                 num_stages=c["num_stages"])
+                                                 PREC=PREC, REV=c["REV"], **launch_opts(c))
     return dq, dk, dv
 
 

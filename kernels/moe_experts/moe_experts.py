@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._utils import INTERPRET, check_tensor, dot_dtype, pow2
+from .._utils import INTERPRET, check_tensor, dot_dtype, launch_opts, pow2
 
 
 @triton.jit
@@ -208,10 +208,6 @@ def _tile_dtype(*tensors) -> torch.dtype:
     return torch.float32 if any(t.dtype == torch.float32 for t in tensors) else tensors[0].dtype
 
 
-def _opts(c: dict) -> dict:
-    return dict(num_warps=c["num_warps"], num_stages=c["num_stages"])
-
-
 def _route(expert_idx, E: int, BM: int):
     """Sort order (skipped tokens last; int64), per-expert row offsets [E+1] and the device-side row-tile map.
 
@@ -243,14 +239,14 @@ def moe_fwd(x, expert_idx, gate, w_gu, w_down, save: bool):
     gu = torch.empty(N, 2 * F, device=x.device, dtype=x.dtype) if save else h
     _up_swiglu_kernel[(max_tiles, triton.cdiv(F, BN))](x, order, w_gu, h, gu, tile_expert, tile_row, offsets, E, D, F,
                                                         SAVE=save, BM=BM, BN=BN, BK=BK, DOT_T=DOT_T, PREC=PREC,
-                                                        EVEN=D % BK == 0 and F % BN == 0, **_opts(c))
+                                                        EVEN=D % BK == 0 and F % BN == 0, **launch_opts(c))
     y = torch.zeros(N, D, device=x.device, dtype=x.dtype)   # skipped tokens stay 0
     o = torch.empty(N, D, device=x.device, dtype=x.dtype) if save else y
     # down: W_e[k, n] = down_proj[e, n, k]
     _grouped_mm_kernel[(max_tiles, triton.cdiv(D, BN))](h, w_down, y, order, gate, o, tile_expert, tile_row, offsets,
                                                          E, F, D, w_down.stride(0), 1, F, EPI=0, SAVE=save,
                                                          BM=BM, BN=BN, BK=BK, DOT_T=DOT_T, PREC=PREC, EVEN=F % BK == 0 and D % BN == 0,
-                                                         **_opts(c))
+                                                         **launch_opts(c))
     route = (order, offsets, tile_expert, tile_row, max_tiles)
     return y, (h, gu, o, route)
 
@@ -278,22 +274,22 @@ def moe_bwd(dy, x, gate, w_gu, w_down, saved):
     _grouped_mm_kernel[(max_tiles, triton.cdiv(F, BN))](do_s, w_down, dgu, order, gate, gu, tile_expert, tile_row,
                                                          offsets, E, D, F, w_down.stride(0), F, 1, EPI=1, SAVE=False,
                                                          BM=BM, BN=BN, BK=BK, DOT_T=DOT_T, PREC=PREC, EVEN=D % BK == 0 and F % BN == 0,
-                                                         **_opts(c))
+                                                         **launch_opts(c))
     # dx[tok] = dgu @ gate_up_e   (W_e[k, n] = gate_up_proj[e, k, n]: k over 2F, n over D)
     dx = torch.zeros(N, D, device=x.device, dtype=x.dtype)
     _grouped_mm_kernel[(max_tiles, triton.cdiv(D, BN))](dgu, w_gu, dx, order, gate, dgu, tile_expert, tile_row,
                                                          offsets, E, 2 * F, D, w_gu.stride(0), D, 1, EPI=2, SAVE=False,
                                                          BM=BM, BN=BN, BK=BK, DOT_T=DOT_T, PREC=PREC, EVEN=(2 * F) % BK == 0 and D % BN == 0,
-                                                         **_opts(c))
+                                                         **launch_opts(c))
     # weight grads, fp32 accumulation: d down_e = do_e^T h_e [D, F]; d gate_up_e = dgu_e^T x_e [2F, D]
     BP, BQ, BMW = cw["BP"], cw["BQ"], cw["BM"]
     d_down = torch.empty(E, D, F, device=x.device, dtype=w_down.dtype)
     _wgrad_kernel[(E, triton.cdiv(D, BP), triton.cdiv(F, BQ))](do_s, h, order, d_down, offsets, D, F, GATHER_Q=False,
-                                                                BP=BP, BQ=BQ, BM=BMW, DOT_T=DOT_T, PREC=PREC, **_opts(cw))
+                                                                BP=BP, BQ=BQ, BM=BMW, DOT_T=DOT_T, PREC=PREC, **launch_opts(cw))
     d_gu = torch.empty(E, 2 * F, D, device=x.device, dtype=w_gu.dtype)
     _wgrad_kernel[(E, triton.cdiv(2 * F, BP), triton.cdiv(D, BQ))](dgu, x, order, d_gu, offsets, 2 * F, D,
                                                                     GATHER_Q=True, BP=BP, BQ=BQ, BM=BMW,
-                                                                    DOT_T=DOT_T, PREC=PREC, **_opts(cw))
+                                                                    DOT_T=DOT_T, PREC=PREC, **launch_opts(cw))
     return dx, dgate, d_gu, d_down
 
 
