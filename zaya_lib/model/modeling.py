@@ -30,6 +30,7 @@ from transformers.modeling_outputs import ModelOutput
 from ..config import ZayaConfig
 from .attention import CCAttention, rope_cos_sin
 from .cache import ZayaCache
+from .fused_ops import residual_scale
 from .moe import BalancingBiasOptimizer, MoEBlock, RMSNorm, Router
 
 __all__ = ["ZayaModel", "ZayaForCausalLM", "ZayaOutput", "ZayaModelOutput", "linear_cross_entropy"]
@@ -60,8 +61,8 @@ class ResidualScaling(nn.Module):
         self.residual_bias = nn.Parameter(torch.zeros(D))
 
     def forward(self, h: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul((res + self.residual_bias) * self.residual_scale, h + self.hidden_states_bias,
-                             self.hidden_states_scale)
+        return residual_scale(h, res, self.hidden_states_scale, self.hidden_states_bias, self.residual_scale,
+                              self.residual_bias)  # one hand-differentiated node when training (fused_ops)
 
 
 class ZayaDecoderLayer(nn.Module):

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused_ops import rms_norm
+
 __all__ = ["RMSNorm", "Router", "Experts", "MoEBlock", "BalancingBiasOptimizer", "experts_forward_eager"]
 
 
@@ -33,9 +35,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * y.to(dtype)
+        return rms_norm(x, self.weight, self.eps)  # one hand-differentiated node when training (fused_ops)
 
 
 class RouterMLP(nn.Module):
@@ -117,20 +117,41 @@ class Router(nn.Module):
         }
 
 
-class _SortedSwiGLU(torch.autograd.Function):
-    """SwiGLU experts on tokens already sorted by expert: one GEMM pair per non-empty expert block.
+def _empty_grad_like(W: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """A gradient buffer for stacked expert weights: uninitialised, with only the slices of experts that received no
+    tokens (whose GEMMs never write) zeroed."""
+    gW = torch.empty_like(W)
+    for e, c in enumerate(counts):
+        if c == 0:
+            gW[e].zero_()
+    return gW
 
-    Written as one autograd node so that the backward writes each expert's weight gradient straight into its slice of
-    [E, 2F, D] / [E, D, F]: indexing a stacked parameter per expert (`W[e]`) under autograd would instead materialise
-    and accumulate a full-size zero gradient per expert, which costs more than the GEMMs at small widths.
-    Elementwise work (SiLU, gating) runs once over all tokens, not per expert.
+
+class _RoutedSwiGLU(torch.autograd.Function):
+    """y_n = gate_n * W2_e (silu(W1g_e x_n) * W1u_e x_n) for the routed tokens n (sorted by expert e), 0 elsewhere.
+
+    One autograd node from the routed tokens' indices to the output rows: the gather of the tokens, one GEMM pair per
+    non-empty expert block, the gate (folded into the down-projection's input) and the scatter back. The backward
+    writes each expert's weight gradient straight into its slice of [E, 2F, D] / [E, D, F]: indexing a stacked
+    parameter per expert (`W[e]`) under autograd would instead materialise and accumulate a full-size zero gradient
+    per expert, which costs more than the GEMMs at small widths. Element-wise work (SiLU, gating) runs once over all
+    routed tokens, not per expert.
+
+    With h = [g | u] = x W1^T, a = silu(g), z = a * u, zg = z * gate and y = zg W2^T, the backward is
+      dzg = dy W2;  dW2 = dy^T zg;  dgate = <dzg, z>;  dz = dzg * gate;  dg = silu'(g) u dz;  du = a dz;
+      dW1 = [dg | du]^T x;  dx = [dg | du] W1.
     """
 
     @staticmethod
-    def forward(ctx, xs, W1, W2, counts):  # xs [n, D]; W1 [E, 2F, D]; W2 [E, D, F]; counts: list[int] of length E
-        n, D = xs.shape
-        F2 = W1.shape[1]
-        h = xs.new_empty(n, F2)
+    def forward(ctx, x_ND, gate_N, W1, W2, idx, pos, counts):
+        # idx: [n] token indices sorted by expert; counts: list[int] of length E (tokens per expert, in that order);
+        # pos: [N] each token's row in that order (n for skip-slot tokens: a zero row appended to the sorted rows).
+        # Scattering back is a gather by `pos` (index_select is several times faster than index_copy_ here).
+        N, D = x_ND.shape
+        n = idx.numel()
+        xs = x_ND.index_select(0, idx)
+        gs = gate_N.index_select(0, idx).to(x_ND.dtype)[:, None]  # [n, 1]
+        h = xs.new_empty(n, W1.shape[1])
         start = 0
         for e, c in enumerate(counts):
             if c:
@@ -139,47 +160,58 @@ class _SortedSwiGLU(torch.autograd.Function):
         g, u = h.chunk(2, dim=-1)
         a = F.silu(g)
         z = a * u  # [n, F]
-        ys = xs.new_empty(n, D)
+        zg = z * gs
+        ys = xs.new_empty(n + (n < N), D)
+        ys[n:].zero_()
         start = 0
         for e, c in enumerate(counts):
             if c:
-                torch.mm(z[start:start + c], W2[e].t(), out=ys[start:start + c])
+                torch.mm(zg[start:start + c], W2[e].t(), out=ys[start:start + c])
                 start += c
-        ctx.save_for_backward(xs, W1, W2, h, z)
-        ctx.counts = counts
-        return ys
+        y = ys.index_select(0, pos)  # skip-slot tokens read the zero row
+        ctx.save_for_backward(xs, gs, W1, W2, h, a, z, zg, idx, pos)
+        ctx.counts, ctx.N, ctx.gate_dtype = counts, N, gate_N.dtype
+        return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
-        xs, W1, W2, h, z = ctx.saved_tensors
-        counts = ctx.counts
-        gy = gy.contiguous()
-        n = xs.shape[0]
-        gz = z.new_empty(z.shape)
-        gW2 = torch.zeros_like(W2) if any(c == 0 for c in counts) else torch.empty_like(W2)
+        xs, gs, W1, W2, h, a, z, zg, idx, pos = ctx.saved_tensors
+        counts, N = ctx.counts, ctx.N
+        n, D = xs.shape
+        gys = gy.index_select(0, idx)  # [n, D]
+        gzg = z.new_empty(z.shape)
+        gW2 = _empty_grad_like(W2, counts)
         start = 0
         for e, c in enumerate(counts):
             if c:
                 sl = slice(start, start + c)
-                torch.mm(gy[sl], W2[e], out=gz[sl])  # [c, F]
-                torch.mm(gy[sl].t(), z[sl], out=gW2[e])  # [D, F]
+                torch.mm(gys[sl], W2[e], out=gzg[sl])  # [c, F]
+                torch.mm(gys[sl].t(), zg[sl], out=gW2[e])  # [D, F]
                 start += c
+        dgate = None
+        if ctx.needs_input_grad[1]:
+            dgate = gys.new_zeros(n + (n < N), dtype=ctx.gate_dtype)
+            torch.sum(gzg * z, dim=-1, out=dgate[:n])
+            dgate = dgate.index_select(0, pos)
+        gz = gzg.mul_(gs)
         g, u = h.chunk(2, dim=-1)
         Fw = g.shape[1]
         gh = torch.empty_like(h)  # [n, 2F]: gate half then up half, each written in place (no cat)
         # d/dg [silu(g) u] = u silu'(g): one fused aten op instead of the sigmoid-expression chain
         torch.ops.aten.silu_backward.grad_input(gz * u, g, grad_input=gh[:, :Fw])
-        torch.mul(gz, F.silu(g), out=gh[:, Fw:])  # d/du = silu(g)
-        gW1 = torch.zeros_like(W1) if any(c == 0 for c in counts) else torch.empty_like(W1)
-        gx = xs.new_empty(n, xs.shape[1])
+        torch.mul(gz, a, out=gh[:, Fw:])  # d/du = silu(g)
+        gW1 = _empty_grad_like(W1, counts)
+        gxs = xs.new_empty(n + (n < N), D)
+        gxs[n:].zero_()
         start = 0
         for e, c in enumerate(counts):
             if c:
                 sl = slice(start, start + c)
                 torch.mm(gh[sl].t(), xs[sl], out=gW1[e])  # [2F, D]
-                torch.mm(gh[sl], W1[e], out=gx[sl])  # [c, D]
+                torch.mm(gh[sl], W1[e], out=gxs[sl])  # [c, D]
                 start += c
-        return gx, gW1, gW2, None
+        return gxs.index_select(0, pos), dgate, gW1, gW2, None, None, None
 
 
 @torch.compiler.disable
@@ -195,11 +227,9 @@ def experts_forward_eager(x_ND, choice, gate, gate_up_proj, down_proj, num_exper
     order = torch.argsort(choice, stable=True)
     counts = torch.bincount(choice, minlength=E + 1).tolist()  # one host sync for all experts
     n_routed = N - counts[E]  # skip-slot tokens sort to the end and are dropped (they output 0)
-    idx = order[:n_routed]
-    xs = x_ND.index_select(0, idx)
-    ys = _SortedSwiGLU.apply(xs, gate_up_proj, down_proj, counts[:E])
-    ys = ys * gate.index_select(0, idx).to(ys.dtype)[:, None]
-    return x_ND.new_zeros(N, D).index_copy(0, idx, ys)
+    pos = torch.empty_like(order)
+    pos[order] = torch.arange(N, device=order.device).clamp_max_(n_routed)  # inverse permutation; skip -> row n
+    return _RoutedSwiGLU.apply(x_ND, gate, gate_up_proj, down_proj, order[:n_routed], pos, counts[:E])
 
 
 class Experts(nn.Module):
