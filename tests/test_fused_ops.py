@@ -118,7 +118,7 @@ def test_routed_swiglu_node_matches_per_token_reference():
 
 @pytest.mark.parametrize("B,T,Hq,Hk,d", [(2, 200, 4, 2, 8), (1, 64, 2, 2, 4), (2, 130, 6, 1, 8), (1, 1, 2, 1, 4)])
 def test_block_causal_attention_equals_sdpa(B, T, Hq, Hk, d):
-    """Block boundaries at 64 rows: one block, a partial last block (200 = 3 * 64 + 8), MHA (G = 1), T = 1."""
+    """Blocks of 32 rows: two full blocks (64), a partial last block (200 = 6 * 32 + 8), MHA (G = 1), T = 1."""
     torch.manual_seed(0)
     qk = _rand(B, T, Hq + Hk, d)  # the model's layout: q and k are head slices of one [B, T, H, d] tensor
     v = _rand(B, Hk, T, d)
@@ -144,10 +144,13 @@ def test_block_attention_gate(monkeypatch):
         assert not use_block_attention(q, k)  # decoding / evaluation: SDPA keeps nothing
     assert not use_block_attention(q.detach(), k)
     assert not use_block_attention(q.to(torch.bfloat16), k)
-    # kept probabilities: 2 * 4 * 256 * 64 * (4 * 5 / 2) * 4 bytes = 5 MiB for this shape
-    monkeypatch.setattr(attention, "BLOCK_ATTN_MAX_BYTES", 5 << 20)
+    # kept probabilities: blocks of r rows, block i keeps r x (i + 1) r scores per (batch, head), 4 bytes each
+    r = attention.BLOCK_ROWS
+    nb = 256 // r
+    kept = 2 * 4 * r * r * nb * (nb + 1) // 2 * 4
+    monkeypatch.setattr(attention, "BLOCK_ATTN_MAX_BYTES", kept)
     assert use_block_attention(q, k)
-    monkeypatch.setattr(attention, "BLOCK_ATTN_MAX_BYTES", (5 << 20) - 1)
+    monkeypatch.setattr(attention, "BLOCK_ATTN_MAX_BYTES", kept - 1)
     assert not use_block_attention(q, k)
 
 

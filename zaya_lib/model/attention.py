@@ -231,8 +231,8 @@ class _QKNormRope(torch.autograd.Function):
 
     With yhat = y / max(|y|, eps), z = yhat * c_h and out = z * C + swap(z) * S (C = [cos, 1], S = [-sin, sin, 0]
     over [first half, second half, pass dims]; swap exchanges the two rotary halves and is its own transpose):
-      dz = g * C + swap(g * S);  dc_h = sum(dz * yhat);  dyhat = dz * c_h;
-      dy = (dyhat - yhat <dyhat, yhat>) / max(|y|, eps)   (the projection term only where |y| > eps)."""
+      dz = g * C + swap(g * S);  s = <dz, yhat> per row;  dc_h = sum(s);
+      dy = c_h (dz - yhat s) / max(|y|, eps)   (the projection term only where |y| > eps)."""
 
     @staticmethod
     def forward(ctx, qk, temp, scale: float, num_q: int, cos, sin):
@@ -255,13 +255,13 @@ class _QKNormRope(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         yhat, inv, live, c_h, C, S = ctx.saved_tensors
-        dz = torch.add(g * C, _swap_rotary_halves(g * S, ctx.R))
+        dz = torch.addcmul(_swap_rotary_halves(g * S, ctx.R), g, C)
+        # <dyhat, yhat> = c_h <dz, yhat>: one row sum serves both the projection term and the temperature gradient
+        s = (dz * yhat).sum(-1, keepdim=True)  # [B, T, H, 1]
         dtemp = None
         if ctx.needs_input_grad[1]:
-            dtemp = ctx.scale * (dz[:, :, ctx.num_q:] * yhat[:, :, ctx.num_q:]).sum(dim=(0, 1, 3))
-        dyhat = dz.mul_(c_h)
-        dot = (dyhat * yhat).sum(-1, keepdim=True).mul_(live)
-        dqk = torch.addcmul(dyhat, yhat, dot, value=-1.0).mul_(inv)
+            dtemp = ctx.scale * s[:, :, ctx.num_q:, 0].sum(dim=(0, 1))
+        dqk = torch.addcmul(dz, yhat, s.mul_(live), value=-1.0).mul_(inv * c_h)
         return dqk, dtemp, None, None, None, None
 
 
@@ -270,9 +270,9 @@ def qk_norm_rope(qk: torch.Tensor, qk_norm: QKNorm, num_q_heads: int, cos: torch
     return _QKNormRope.apply(qk, qk_norm.temp, qk_norm.scale, num_q_heads, cos, sin)
 
 
-# Query rows per block of `block_causal_attention`, and the most bytes of attention probabilities one layer may keep
+# Query rows per block of `block_causal_attention` (32 beat 16, 48, 64 and 128 at T = 256 here), and the most bytes of attention probabilities one layer may keep
 # for its backward on that path (above it, SDPA's flash kernel, which keeps none).
-BLOCK_ROWS = 64
+BLOCK_ROWS = 32
 BLOCK_ATTN_MAX_BYTES = 64 << 20
 
 
@@ -280,9 +280,9 @@ class _BlockCausalAttention(torch.autograd.Function):
     """Causal GQA attention as batched GEMMs over blocks of query rows, for CPU training at short context.
 
     Query block i (rows [s, e)) scores against keys [0, e) only, with the causal mask applied to its diagonal tile:
-    with blocks of 64 rows about (nb + 1) / (2 nb) of the full T x T scores are computed and stored, and the G query
+    with nb blocks of 32 rows, (nb + 1) / (2 nb) of the full T x T scores are computed and stored, and the G query
     heads of a KV head run as one GEMM of G * (e - s) rows. On a 2-core CPU at T = 256, d = 32 this is ~15% faster
-    than SDPA's CPU flash kernel forward + backward (measured in `benchmarks/bench_model.py`'s configuration); the
+    than SDPA's CPU flash kernel forward + backward (~13 vs ~16 ms per layer in `benchmarks/bench_model.py`'s shape); the
     price is keeping the probabilities for the backward, which `use_block_attention` bounds.
 
     Backward per block, with P the probabilities, dO the block's output gradient and delta = rowsum(dO * O):
@@ -345,7 +345,8 @@ def use_block_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
         return False
     B, Hq, T, _ = q.shape
     nb = -(-T // BLOCK_ROWS)
-    kept = B * Hq * T * min(T, BLOCK_ROWS) * nb * (nb + 1) // 2 * q.element_size()
+    rows = min(T, BLOCK_ROWS)
+    kept = B * Hq * rows * rows * nb * (nb + 1) // 2 * q.element_size()  # sum over blocks of rows x keys so far
     return kept <= BLOCK_ATTN_MAX_BYTES
 
 

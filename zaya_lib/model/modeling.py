@@ -327,14 +327,16 @@ class ZayaForCausalLM(ZayaPreTrainedModel, GenerationMixin):
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Per-token cross entropy of `h @ W.T` in fp32, computed in blocks of rows.
+    """Per-token cross entropy of `h @ W.T` in fp32, computed in blocks of rows, with the logits held transposed.
 
-    Forward, per block: logits = h_b @ W.T, then max-shifted exp, sum and normalisation in the logits' own buffer
-    (one exp pass; the loss is max + log(sum) - logit[target]; no log-softmax kept). Backward, per block:
-    dlogits = (p - onehot) * g in place, dh_b = dlogits @ W into its rows of dh, dW += dlogits.T @ h_b. Blocks of ~4 MB (`_ce_block_rows`) keep each block's
-    elementwise passes in cache right before the GEMM that consumes it, and no [N, V] array is ever allocated:
-    a single one (32 MB at 2048 x 4096) exceeds glibc's mmap threshold, so each step would page-fault it in fresh.
-    The usual path allocates logits, log-softmax, a zero-filled [N, V] gradient and its scatter, each in full."""
+    Forward, per block of rows b: logits^T = W @ h_b^T ([V, b]; BLAS runs this orientation ~10% faster here than
+    h_b @ W^T), then max-shifted exp, sum and normalisation down the columns in the logits' own buffer (one exp pass;
+    the loss is max + log(sum) - logit[target]; no log-softmax kept). Backward, per block: dlogits^T = (p - onehot) * g
+    in place, dh_b = dlogits^T.T @ W into its rows of dh, dW (+)= dlogits^T @ h_b (the first block writes, the rest
+    accumulate). Blocks of ~4 MB (`_ce_block_rows`) keep each block's element-wise passes in cache right before the
+    GEMM that consumes it, and no [N, V] array is ever allocated: a single one (32 MB at 2048 x 4096) exceeds glibc's
+    mmap threshold, so each step would page-fault it in fresh. The usual path allocates logits, log-softmax, a
+    zero-filled [N, V] gradient and its scatter, each in full."""
 
     @staticmethod
     def forward(ctx, h_ND, W_VD, target_N, ignore_index):
@@ -348,13 +350,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         blocks = []
         for s in range(0, N, rows):
             e = min(N, s + rows)
-            logits = torch.mm(h[s:e], W.t())  # [b, V]
-            picked = logits.gather(1, safe_N[s:e, None]).squeeze(1)
-            m = logits.amax(dim=-1, keepdim=True)
-            p = logits.sub_(m).exp_()  # in place, one exp pass (logsumexp would take its own)
-            z = p.sum(dim=-1, keepdim=True)
-            torch.sub(m.squeeze(1) + z.log().squeeze(1), picked, out=loss_N[s:e])  # lse - logit[target]
-            blocks.append(p.div_(z))  # softmax probabilities
+            cols = torch.arange(e - s, device=h.device)
+            logits_t = torch.mm(W, h[s:e].t())  # [V, b]
+            picked = logits_t[safe_N[s:e], cols]
+            m = logits_t.amax(dim=0)
+            p = logits_t.sub_(m).exp_()  # in place, one exp pass (logsumexp would take its own)
+            z = p.sum(dim=0)
+            torch.sub(m + z.log(), picked, out=loss_N[s:e])  # lse - logit[target]
+            blocks.append(p.div_(z))  # softmax probabilities, [V, b]
         loss_N.masked_fill_(~valid_N, 0.0)
         ctx.save_for_backward(h_ND, W_VD, safe_N, valid_N)
         ctx.blocks, ctx.rows = blocks, rows
@@ -372,16 +375,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         g_N = torch.where(valid_N, grad_N.to(ct), 0.0)
         need_h, need_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dh = torch.empty_like(h) if need_h else None
-        dW = torch.zeros_like(W) if need_W else None
-        for i, d in enumerate(blocks):
+        dW = (torch.empty_like(W) if blocks else torch.zeros_like(W)) if need_W else None
+        for i, d in enumerate(blocks):  # d: [V, b]
             s = i * ctx.rows
-            e = s + d.shape[0]
-            d[torch.arange(e - s, device=d.device), safe_N[s:e]] -= 1.0
-            d.mul_(g_N[s:e, None])
+            e = s + d.shape[1]
+            d[safe_N[s:e], torch.arange(e - s, device=d.device)] -= 1.0
+            d.mul_(g_N[s:e])
             if need_h:
-                torch.mm(d, W, out=dh[s:e])
-            if need_W:
-                dW.addmm_(d.t(), h[s:e])
+                torch.mm(d.t(), W, out=dh[s:e])
+            if need_W and i == 0:
+                torch.mm(d, h[s:e], out=dW)  # the first block writes, the rest accumulate (no zero fill)
+            elif need_W:
+                dW.addmm_(d, h[s:e])
         return (dh.to(h_ND.dtype) if need_h else None), (dW.to(W_VD.dtype) if need_W else None), None, None
 
 
