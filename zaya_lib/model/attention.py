@@ -97,7 +97,7 @@ class _ConvPlusSkip(torch.autograd.Function):
 
 def conv_plus_skip(qk_conv_BCT: torch.Tensor, qk0: torch.Tensor, Hk: int, G: int, d: int) -> torch.Tensor:
     """Conv output [B, C, T] plus the qk-mean skips of the raw packed q|k [B, T, C] -> [B, T, Hk*G + Hk, d]."""
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling() and (qk_conv_BCT.requires_grad or qk0.requires_grad):
+    if torch.is_grad_enabled() and (qk_conv_BCT.requires_grad or qk0.requires_grad):
         return _ConvPlusSkip.apply(qk_conv_BCT, qk0, Hk, G, d)
     B, C, T = qk_conv_BCT.shape
     qm, km = _skip_terms(qk0, Hk, G, d)
@@ -337,9 +337,9 @@ class _BlockCausalAttention(torch.autograd.Function):
 
 
 def use_block_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """The block path pays on CPU, in fp32/fp64, when training (autograd on, not compiling), and when the kept
+    """The block path pays on CPU, in fp32/fp64, when training (autograd on; compiled or not), and when the kept
     probabilities fit BLOCK_ATTN_MAX_BYTES; SDPA otherwise."""
-    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64) or torch.compiler.is_compiling():
+    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64):
         return False
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
         return False

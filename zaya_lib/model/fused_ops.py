@@ -8,8 +8,7 @@ backward derived by hand, RMSNorm takes 3 passes forward and 6 backward (about 5
 scaling 2 forward and 7 backward (4 and 8). The math is unchanged; `tests/test_fused_ops.py` checks both against
 the autograd expressions in float64 with `gradcheck`.
 
-Without autograd (decoding, evaluation), and under torch.compile (`TrainConfig.compile`), both fall back to the
-plain expressions: cheaper without autograd, and left to inductor to fuse when compiling.
+Without autograd (decoding, evaluation) both fall back to the plain expressions, which are cheaper there.
 """
 from __future__ import annotations
 
@@ -20,10 +19,8 @@ __all__ = ["rms_norm", "residual_scale"]
 
 
 def _needs_grad(*ts: torch.Tensor) -> bool:
-    """True where the hand-written node pays: autograd on, and not under torch.compile (inductor fuses the plain
-    expressions into fewer loops than any hand-written eager node)."""
-    if torch.compiler.is_compiling():
-        return False
+    """True where the hand-written node pays: autograd on. Under torch.compile too: measured here, the compiled step
+    with these nodes ran 1.32x transformers' eager step, and 1.08x with the plain expressions left to inductor."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
 
 
