@@ -51,13 +51,14 @@ def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
 
 
 def _skip_terms(qk0: torch.Tensor, Hk: int, G: int, d: int):
-    """qk-mean skip terms of the raw packed q|k [B, T, (Hk*G + Hk) * d]: ((q0 + k0) / 2 per query head [B, T, Hk, G, d],
-    its mean over the G query heads of each KV group [B, T, Hk, d])."""
+    """Twice the qk-mean skip terms of the raw packed q|k [B, T, (Hk*G + Hk) * d]: (q0 + k0 per query head
+    [B, T, Hk, G, d], its mean over the G query heads of each KV group [B, T, Hk, d]); the callers halve them as they
+    add them (one pass fewer than scaling first)."""
     B, T, _ = qk0.shape
     q0 = qk0[..., : Hk * G * d].view(B, T, Hk, G, d)
     k0 = qk0[..., Hk * G * d:].view(B, T, Hk, 1, d)
-    qm = (q0 + k0).mul_(0.5)
-    return qm, qm.mean(dim=3)
+    qm2 = q0 + k0
+    return qm2, qm2.mean(dim=3)
 
 
 class _ConvPlusSkip(torch.autograd.Function):
@@ -73,9 +74,9 @@ class _ConvPlusSkip(torch.autograd.Function):
         B, C, T = qk_conv_BCT.shape
         H = C // d
         y = qk_conv_BCT.transpose(1, 2).contiguous().view(B, T, H, d)
-        qm, km = _skip_terms(qk0, Hk, G, d)
-        y[:, :, : Hk * G].view(B, T, Hk, G, d).add_(qm)
-        y[:, :, Hk * G:].add_(km)
+        qm2, km2 = _skip_terms(qk0, Hk, G, d)
+        y[:, :, : Hk * G].view(B, T, Hk, G, d).add_(qm2, alpha=0.5)
+        y[:, :, Hk * G:].add_(km2, alpha=0.5)
         ctx.shape = (Hk, G, d)
         return y
 
@@ -100,9 +101,9 @@ def conv_plus_skip(qk_conv_BCT: torch.Tensor, qk0: torch.Tensor, Hk: int, G: int
     if torch.is_grad_enabled() and (qk_conv_BCT.requires_grad or qk0.requires_grad):
         return _ConvPlusSkip.apply(qk_conv_BCT, qk0, Hk, G, d)
     B, C, T = qk_conv_BCT.shape
-    qm, km = _skip_terms(qk0, Hk, G, d)
-    skip = torch.cat([qm.reshape(B, T, Hk * G, d), km], dim=2)
-    return qk_conv_BCT.transpose(1, 2).reshape(B, T, C // d, d) + skip
+    qm2, km2 = _skip_terms(qk0, Hk, G, d)
+    skip2 = torch.cat([qm2.reshape(B, T, Hk * G, d), km2], dim=2)
+    return torch.add(qk_conv_BCT.transpose(1, 2).reshape(B, T, C // d, d), skip2, alpha=0.5)
 
 
 class CCAProjection(nn.Module):
@@ -293,13 +294,16 @@ class _BlockCausalAttention(torch.autograd.Function):
         B, Hq, T, d = q.shape
         Hk = k.shape[1]
         G = Hq // Hk
-        q5 = q.reshape(B, Hk, G, T, d)
+        qt = q.transpose(1, 2)  # [B, T, Hq, d]: a view of the packed q|k in the model
+        k, v = k.contiguous(), v.contiguous()  # else every block's matmul would copy its key/value prefix
         out = q.new_empty(B, T, Hk, G, d)  # [B, T, Hq, d] memory: o_proj's input layout, no copy after
         bounds = list(range(0, T, BLOCK_ROWS)) + [T]
         saved = []
         for s, e in zip(bounds[:-1], bounds[1:]):
             n = e - s
-            qb = (q5[:, :, :, s:e] * scale).reshape(B, Hk, G * n, d)
+            qb = q.new_empty(B, Hk, G, n, d)  # the block's queries, GQA-grouped and pre-scaled, in one pass
+            torch.mul(qt[:, s:e].unflatten(2, (Hk, G)).permute(0, 2, 3, 1, 4), scale, out=qb)
+            qb = qb.view(B, Hk, G * n, d)
             S = torch.matmul(qb, k[:, :, :e].transpose(-1, -2))  # [B, Hk, G*n, e]
             diag = torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1)
             S.view(B, Hk, G, n, e)[..., s:].masked_fill_(diag, float("-inf"))
