@@ -301,8 +301,8 @@ class _BlockCausalAttention(torch.autograd.Function):
         saved = []
         for s, e in zip(bounds[:-1], bounds[1:]):
             n = e - s
-            qb = q.new_empty(B, Hk, G, n, d)  # the block's queries, GQA-grouped and pre-scaled, in one pass
-            torch.mul(qt[:, s:e].unflatten(2, (Hk, G)).permute(0, 2, 3, 1, 4), scale, out=qb)
+            qb = q.new_empty(B, Hk, G, n, d)  # the block's queries, GQA-grouped and pre-scaled (in cache)
+            qb.copy_(qt[:, s:e].unflatten(2, (Hk, G)).permute(0, 2, 3, 1, 4)).mul_(scale)
             qb = qb.view(B, Hk, G * n, d)
             S = torch.matmul(qb, k[:, :, :e].transpose(-1, -2))  # [B, Hk, G*n, e]
             diag = torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1)
