@@ -183,7 +183,7 @@ class TrainConfig:
     cp_world_size: int = 1          # context-parallel ranks per sequence (all-gather-KV; see context_parallel.py)
     compile: bool = False           # torch.compile the model's forward+backward (all but the expert GEMM block, whose
                                     # shapes change every step): `make bench` step 1.28-1.37x transformers' (eager:
-                                    # 1.16-1.29x) after a 10-46 s first step; for long runs, not the tiny phases
+                                    # 1.16-1.29x, median 1.28x) after a 10-46 s first step; for long runs, not the tiny phases
     desc: str = "train"
 
     def validate(self, seq_len: int | None = None, world_size: int = 1) -> None:
