@@ -134,6 +134,13 @@ def test_block_causal_attention_equals_sdpa(B, T, Hq, Hk, d):
     torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
     for x, y in zip(gb, ga):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+    # an output gradient in [B, Hq, T, d] memory (not o_proj's layout) takes the same path through a copy
+    q, k = qk.transpose(1, 2).split([Hq, Hk], 1)
+    g_bhtd = torch.randn(B, Hq, T, d, **f64)
+    sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3, enable_gqa=True)
+    for x, y in zip(torch.autograd.grad(block_causal_attention(q, k, v, 0.3), (qk, v), g_bhtd),
+                    torch.autograd.grad(sdpa, (qk, v), g_bhtd)):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
 
 
 def test_block_attention_gate(monkeypatch):

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import ZayaCache
+from .fused_ops import needs_autograd
 
 __all__ = ["CCAProjection", "QKNorm", "CCAttention", "rope_cos_sin", "apply_partial_rope", "qk_norm_rope",
            "block_causal_attention", "use_block_attention"]
@@ -98,7 +99,7 @@ class _ConvPlusSkip(torch.autograd.Function):
 
 def conv_plus_skip(qk_conv_BCT: torch.Tensor, qk0: torch.Tensor, Hk: int, G: int, d: int) -> torch.Tensor:
     """Conv output [B, C, T] plus the qk-mean skips of the raw packed q|k [B, T, C] -> [B, T, Hk*G + Hk, d]."""
-    if torch.is_grad_enabled() and (qk_conv_BCT.requires_grad or qk0.requires_grad):
+    if needs_autograd(qk_conv_BCT, qk0):
         return _ConvPlusSkip.apply(qk_conv_BCT, qk0, Hk, G, d)
     B, C, T = qk_conv_BCT.shape
     qm2, km2 = _skip_terms(qk0, Hk, G, d)
@@ -271,8 +272,9 @@ def qk_norm_rope(qk: torch.Tensor, qk_norm: QKNorm, num_q_heads: int, cos: torch
     return _QKNormRope.apply(qk, qk_norm.temp, qk_norm.scale, num_q_heads, cos, sin)
 
 
-# Query rows per block of `block_causal_attention` (32 beat 16, 48, 64 and 128 at T = 256 here), and the most bytes of attention probabilities one layer may keep
-# for its backward on that path (above it, SDPA's flash kernel, which keeps none).
+# Query rows per block of `block_causal_attention` (32 beat 16, 48, 64 and 128 at T = 256 here), and the most bytes
+# of attention probabilities one layer may keep for its backward on that path (above it, SDPA's flash kernel, which
+# keeps none).
 BLOCK_ROWS = 32
 BLOCK_ATTN_MAX_BYTES = 64 << 20
 
@@ -283,8 +285,8 @@ class _BlockCausalAttention(torch.autograd.Function):
     Query block i (rows [s, e)) scores against keys [0, e) only, with the causal mask applied to its diagonal tile:
     with nb blocks of 32 rows, (nb + 1) / (2 nb) of the full T x T scores are computed and stored, and the G query
     heads of a KV head run as one GEMM of G * (e - s) rows. On a 2-core CPU at T = 256, d = 32 this is ~15% faster
-    than SDPA's CPU flash kernel forward + backward (~13 vs ~16 ms per layer in `benchmarks/bench_model.py`'s shape); the
-    price is keeping the probabilities for the backward, which `use_block_attention` bounds.
+    than SDPA's CPU flash kernel forward + backward (~13 vs ~16 ms per layer in `benchmarks/bench_model.py`'s
+    shape); the price is keeping the probabilities for the backward, which `use_block_attention` bounds.
 
     Backward per block, with P the probabilities, dO the block's output gradient and delta = rowsum(dO * O):
       dV[:e] += P^T dO;  dS = P * (dO V[:e]^T - delta);  dQ = scale * dS K[:e];  dK[:e] += dS^T (scale * Q)."""
@@ -322,16 +324,14 @@ class _BlockCausalAttention(torch.autograd.Function):
         B, Hk, T, d = k.shape
         Hq = gO.shape[1]
         G = Hq // Hk
-        g5 = gO.reshape(B, Hk, G, T, d) if gO.is_contiguous() else gO.transpose(1, 2).reshape(B, T, Hk, G, d)
-        bthd = not gO.is_contiguous()  # g5 is [B, T, Hk, G, d] (the usual case: gO is a view of o_proj's grad)
+        g5 = gO.transpose(1, 2).reshape(B, T, Hk, G, d)  # a view when gO comes from o_proj ([B, T, Hq, d] memory)
         dq = k.new_empty(B, T, Hk, G, d)
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)
         bounds = ctx.bounds
         for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
             n = e - s
             qb, P, Ob = saved[3 * i: 3 * i + 3]
-            gb = g5[:, s:e].permute(0, 2, 3, 1, 4) if bthd else g5[:, :, :, s:e]
-            gb = gb.reshape(B, Hk, G * n, d)
+            gb = g5[:, s:e].permute(0, 2, 3, 1, 4).reshape(B, Hk, G * n, d)
             delta = (gb * Ob).sum(-1, keepdim=True)
             dv[:, :, :e] += torch.matmul(P.transpose(-1, -2), gb)
             dS = torch.matmul(gb, v[:, :, :e].transpose(-1, -2)).sub_(delta).mul_(P)  # masked entries: P = 0
@@ -345,7 +345,7 @@ def use_block_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
     probabilities fit BLOCK_ATTN_MAX_BYTES; SDPA otherwise."""
     if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64):
         return False
-    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
+    if not needs_autograd(q, k):
         return False
     B, Hq, T, _ = q.shape
     nb = -(-T // BLOCK_ROWS)
