@@ -10,8 +10,9 @@ from zaya_lib.data.aggregation import (build_aggregation_prompt_ids, build_aggre
                                        completion_trace, expert_aggregation_examples, fixed_overhead,
                                        mix_sft_with_aggregation, self_aggregation_examples, tail)
 from zaya_lib.data.tasks import corrupt_rollout, make_problems
-from zaya_lib.data.tokenizer import encode_chat, train_tokenizer
-from zaya_lib.data.trimming import chat_ids
+from zaya_lib.data.tokenizer import chat_ids, encode_chat
+
+from _helpers import problem_tokenizer
 
 PROSE = ("Solve the problem. Below are the endings of earlier attempts; any of them may be wrong. Check them, "
          "reason step by step, and give the final answer. Problem: Attempts may contain mistakes.")
@@ -20,8 +21,7 @@ PROSE = ("Solve the problem. Below are the endings of earlier attempts; any of t
 @pytest.fixture(scope="module")
 def tok():
     probs = make_problems("add", 60, seed=2, difficulty=3) + make_problems("linear_eq", 60, seed=2, difficulty=3)
-    texts = [p.question + " " + p.response() for p in probs] + [PROSE] * 20
-    return train_tokenizer(texts, vocab_size=512)
+    return problem_tokenizer(probs, [PROSE] * 20, vocab_size=512)
 
 
 @pytest.fixture(scope="module")

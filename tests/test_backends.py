@@ -6,12 +6,12 @@ import urllib.request
 import pytest
 import torch
 
-from zaya_lib.config import get_config
 from zaya_lib.data.tokenizer import encode_chat, train_tokenizer
-from zaya_lib.model import ZayaForCausalLM
 from zaya_lib.model.checkpoint import to_hf_reference
 from zaya_lib.ttc.backends import BackendError, EngineBackend, HTTPBackend, TransformersBackend
 from zaya_lib.ttc.server import serve
+
+from _helpers import tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +22,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def model(tok):
-    torch.manual_seed(0)
-    cfg = get_config("debug", vocab_size=len(tok), eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    m = ZayaForCausalLM(cfg).eval()
+    m = tiny_model(tok).eval()
     with torch.no_grad():  # sharpen so greedy decoding has clear argmax margins across implementations
         m.model.embed_tokens.weight.mul_(25.0)
     return m

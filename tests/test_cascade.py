@@ -9,27 +9,21 @@ from dataclasses import replace
 import pytest
 import torch
 
-from zaya_lib.config import get_config
 from zaya_lib.data.aggregation import fixed_overhead
 from zaya_lib.data.tasks import make_problems
-from zaya_lib.data.tokenizer import train_tokenizer
 from zaya_lib.model import ZayaForCausalLM
 from zaya_lib.rl import cascade as C
 from zaya_lib.rl.muon import muon_adamw
 from zaya_lib.train.optim import newton_schulz_batched, split_params
 
+from _helpers import problem_tokenizer, tiny_model
+
 
 @pytest.fixture(scope="module")
 def tok():
-    texts = [p.question + " " + p.response() for t in ("add", "sub", "linear_eq") for p in make_problems(t, 60)]
-    texts += ["Describe a walk through a forest. Follow these rules exactly: words answer json bullet"] * 5
-    return train_tokenizer(texts, vocab_size=300)
-
-
-def _model(tok, seed=0):
-    torch.manual_seed(seed)
-    cfg = get_config("debug", vocab_size=len(tok), eos_token_id=tok.convert_tokens_to_ids("<|end|>"))
-    return ZayaForCausalLM(cfg)
+    probs = [p for t in ("add", "sub", "linear_eq") for p in make_problems(t, 60)]
+    rules = "Describe a walk through a forest. Follow these rules exactly: words answer json bullet"
+    return problem_tokenizer(probs, [rules] * 5, vocab_size=300)
 
 
 def _tiny(stage: C.RLStage, **kw) -> C.RLStage:
@@ -48,7 +42,7 @@ def test_one_grpo_step_of_each_stage(tok, index):
     stage = _tiny(STAGES[index], prompts_per_step=3)
     if stage.agg_ratio > 0:
         stage = replace(stage, agg_ratio=1.0)  # every math prompt of this one step becomes an aggregation prompt
-    model = _model(tok)
+    model = tiny_model(tok)
     gym = C.Gym(stage.gym_envs, seed=0, samples_per_prompt=stage.num_generations) if stage.gym_envs else None
     res = C.run_stage(model, tok, stage, gym=gym, seed=0)
     train_logs = [l for l in res["log"] if "reward" in l]
@@ -69,7 +63,7 @@ def test_behavioural_step_changes_weights_full_and_lora(tok):
     step must move the weights: all parameter kinds without LoRA; only merged LoRA deltas with it."""
     stage = _tiny(C.RLStage("if", {"instruct": 1.0}, ["instruction"], learning_rate=1e-2), prompts_per_step=4,
                   num_generations=4, max_completion_length=12)
-    full = _model(tok, seed=1)
+    full = tiny_model(tok, seed=1)
     before = {k: v.clone() for k, v in full.state_dict().items()}
     res = C.run_stage(full, tok, stage, seed=3)
     assert res["log"][0]["frac_reward_zero_std"] < 1, "no reward variance in any group: nothing to learn from"
@@ -77,7 +71,7 @@ def test_behavioural_step_changes_weights_full_and_lora(tok):
     assert any("experts" in k for k in changed) and any("q_proj" in k for k in changed)
     assert any("embed_tokens" in k for k in changed)  # AdamW part moved too
 
-    lora = _model(tok, seed=1)
+    lora = tiny_model(tok, seed=1)
     before = {k: v.clone() for k, v in lora.state_dict().items()}
     res_l = C.run_stage(lora, tok, replace(stage, lora=True), seed=3)
     n_total = sum(p.numel() for p in lora.parameters())
@@ -96,7 +90,7 @@ def test_steps_per_generation_gives_one_step_stale_rollouts_with_importance_rati
     from trl import GRPOTrainer
 
     stage = _tiny(C.RLStage("if", {"instruct": 1.0}, ["instruction"]), steps=2, steps_per_generation=2)
-    model = _model(tok)
+    model = tiny_model(tok)
     ds = C.build_stage_dataset(stage, tok, seed=0)
     args = C.make_grpo_config(stage, "/tmp/zaya-test-trl", seed=0, max_steps=1)
     tr = GRPOTrainer(model=model, reward_funcs=C.make_reward_funcs(stage, tok), args=args,
@@ -118,7 +112,7 @@ def test_no_router_aux_loss(tok):
         C.make_grpo_config(stage, "/tmp/zaya-test-trl", router_aux_loss_coef=0.01)
     from trl import GRPOTrainer
 
-    model = _model(tok)
+    model = tiny_model(tok)
     tr = GRPOTrainer(model=model, reward_funcs=C.make_reward_funcs(stage, tok), args=args,
                      train_dataset=C.build_stage_dataset(replace(stage, sources={"tasks/add": 1.0}), tok).as_iterable(),
                      processing_class=tok)
@@ -131,7 +125,7 @@ def test_no_router_aux_loss(tok):
 
 # ---------------------------------------------------------------------------------------------------- Muon
 def test_muon_groups_only_2d_hidden_weights(tok):
-    model = _model(tok)
+    model = tiny_model(tok)
     parts = split_params(model)
     assert parts["muon"] and all(p.ndim == 2 for _, p in parts["muon"])
     assert not any("embed_tokens" in n or "lm_head" in n for n, _ in parts["muon"])
@@ -144,7 +138,7 @@ def test_muon_groups_only_2d_hidden_weights(tok):
 
 
 def test_per_expert_update_is_near_orthogonal_and_momentum_free(tok):
-    model = _model(tok)
+    model = tiny_model(tok)
     opt = muon_adamw(model, lr=0.1)
     W = model.model.layers[0].mlp.experts.gate_up_proj  # [E, 2F, D]: rectangular, so well conditioned
     g = torch.randn_like(W)
@@ -176,7 +170,7 @@ def test_per_expert_update_is_near_orthogonal_and_momentum_free(tok):
 
 
 def test_param_groups_are_live_for_the_lr_schedule(tok):
-    model = _model(tok)
+    model = tiny_model(tok)
     opt = muon_adamw(model, lr=1e-3)
     assert set(opt.opts) == {"muon", "expert_muon", "adamw"}
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** (s + 1))
@@ -203,7 +197,7 @@ def test_unknown_env_or_reward_fails_at_once(tok, tmp_path, bad, match):
     stages = [_tiny(STAGES[0]), _tiny(C.RLStage("bad", **bad))]
     with pytest.raises(ValueError, match=match):
         C.validate_stages(stages)
-    model = _model(tok)
+    model = tiny_model(tok)
     w = model.model.embed_tokens.weight.detach().clone()
     with pytest.raises(ValueError, match=match):  # the valid first stage never runs
         C.run_cascade(model, tok, stages, tmp_path / "ckpt")
@@ -215,7 +209,7 @@ def test_resume_skips_finished_stages(tok, tmp_path, monkeypatch):
     stages = [_tiny(C.RLStage("if", {"instruct": 1.0}, ["instruction"], learning_rate=1e-2), prompts_per_step=4,
                     num_generations=4, max_completion_length=12),
               _tiny(STAGES[1], gym_envs=("add", "compare"))]
-    model = _model(tok)
+    model = tiny_model(tok)
     first = C.run_cascade(model, tok, stages, tmp_path / "rl", seed=0)
     assert [r["skipped"] for r in first] == [False, False]
     for i, s in enumerate(stages):
@@ -229,7 +223,7 @@ def test_resume_skips_finished_stages(tok, tmp_path, monkeypatch):
         raise AssertionError("a finished stage ran again")
 
     monkeypatch.setattr(C, "run_stage", boom)
-    fresh = _model(tok, seed=7)
+    fresh = tiny_model(tok, seed=7)
     again = C.run_cascade(fresh, tok, stages, tmp_path / "rl", seed=0)
     assert [r["skipped"] for r in again] == [True, True]
     sd_saved = ZayaForCausalLM.from_pretrained(C.stage_dir(tmp_path / "rl", 1, stages[1])).state_dict()
@@ -241,16 +235,16 @@ def test_resume_skips_finished_stages(tok, tmp_path, monkeypatch):
     shutil.rmtree(C.stage_dir(tmp_path / "rl", 1, stages[1]))
     ran = []
     monkeypatch.setattr(C, "run_stage", lambda m, t, s, *a, **k: ran.append(s.name) or {"stage": s.name})
-    C.run_cascade(_model(tok), tok, stages, tmp_path / "rl", seed=0)
+    C.run_cascade(tiny_model(tok), tok, stages, tmp_path / "rl", seed=0)
     assert ran == [stages[1].name]
     with pytest.raises(ValueError, match="different config"):
-        C.run_cascade(_model(tok), tok, [replace(stages[0], learning_rate=0.5), stages[1]], tmp_path / "rl")
+        C.run_cascade(tiny_model(tok), tok, [replace(stages[0], learning_rate=0.5), stages[1]], tmp_path / "rl")
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def test_aggregation_rows_and_paired_difference(tok):
+def test_aggregation_rows(tok):
     stage = _tiny(STAGES[2], prompts_per_step=4, agg_ratio=1.0, sources={"tasks/add": 1.0}, agg_k=2, agg_tau=5)
-    model = _model(tok)
+    model = tiny_model(tok)
     ds = C.build_stage_dataset(stage, tok, model=model, seed=0)
     rows = [ds[i] for i in range(len(ds))]
     assert all(r["aggregation"] == 1 and "[Attempt 2]" in r["prompt"] for r in rows)
@@ -260,6 +254,3 @@ def test_aggregation_rows_and_paired_difference(tok):
         assert len(meta["tail_ids"]) == stage.agg_k and max(meta["tail_ids"]) <= stage.agg_tau
         assert meta["prompt_ids"] == n_q + sum(meta["tail_ids"]) + fixed_overhead(tok, stage.agg_k)
         assert len(tok(r["prompt"], add_special_tokens=False)["input_ids"]) <= stage.max_prompt_length
-    d = C.paired_difference([0, 0, 1, 1, 0, 1], [1, 0, 1, 1, 1, 1])
-    assert d["diff"] == pytest.approx(2 / 6) and d["ci95"][0] <= d["diff"] <= d["ci95"][1]
-    assert d["se"] == pytest.approx(float(torch.tensor([1., 0, 0, 0, 1, 0]).std() / 6 ** 0.5))

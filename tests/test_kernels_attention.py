@@ -1,22 +1,15 @@
 """Latent causal GQA attention kernels vs SDPA and the explicit-softmax reference: forward, dq/dk/dv, decode, errors.
 
-Runs on a GPU when CUDA is present, else in the Triton CPU interpreter (TRITON_INTERPRET=1 must be set before the
-kernels are decorated, hence before the import below)."""
-import os
-
+Runs on a GPU when CUDA is present, else in the Triton CPU interpreter (`_helpers` sets it up before the kernels are
+imported)."""
 import pytest
 import torch
+import torch.nn.functional as F
 
-if not torch.cuda.is_available():  # tests/conftest.py does this too; here so the module also runs on its own
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from _helpers import DEVICE, HALF  # first: the Triton interpreter without CUDA
+from zaya_kernels import latent_attention, latent_attention_decode, latent_attention_decode_ref, latent_attention_ref  # noqa: E501
+from zaya_kernels.testing import assert_close, assert_half_close
 
-import torch.nn.functional as F  # noqa: E402
-
-from zaya_kernels import latent_attention, latent_attention_decode, latent_attention_decode_ref, latent_attention_ref  # noqa: E402,E501
-from zaya_kernels.testing import assert_close, assert_half_close  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-HALF = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])  # bf16 dots are broken in the interpreter
 # fp32: same math as SDPA up to summation order and exp2 vs exp; measured ~3e-7 rel-RMSE, 1e-4 leaves wide margin.
 # atol 1e-6 covers references that are exactly 0 (dq of a single token: softmax over one key has no q gradient).
 RATIO32, ATOL32 = 1e-4, 1e-6

@@ -1,21 +1,15 @@
 """Fused CCA q/k preparation kernel vs its PyTorch reference: forward, every gradient, decode with conv_state, errors.
 
-Runs on a GPU when CUDA is present, else in the Triton CPU interpreter (TRITON_INTERPRET=1 must be set before the
-kernels are decorated, hence before the import below)."""
-import os
-
+Runs on a GPU when CUDA is present, else in the Triton CPU interpreter (`_helpers` sets it up before the kernels are
+imported)."""
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # tests/conftest.py does this too; here so the module also runs on its own
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from _helpers import DEVICE, HALF  # first: the Triton interpreter without CUDA
+from zaya_kernels import cca_qk_prep, cca_qk_prep_ref
+from zaya_kernels.cca_qk import rope_cos_sin
+from zaya_kernels.testing import assert_close, assert_half_close
 
-from zaya_kernels import cca_qk_prep, cca_qk_prep_ref  # noqa: E402
-from zaya_kernels.cca_qk import rope_cos_sin  # noqa: E402
-from zaya_kernels.testing import assert_close, assert_half_close  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-HALF = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])  # bf16 dots are broken in the interpreter
 # fp32: the kernel computes exactly the reference's arithmetic in another order; 1e-4 rel-RMSE leaves ~100x margin
 # over the ~1e-6 measured in the interpreter, and IEEE (not TF32) dots keep it on a GPU.
 RATIO32 = 1e-4

@@ -2,18 +2,14 @@
 
 Skipped without CUDA (the interpreter tests in test_kernels_{cca_qk,attention,moe}.py cover the math on the CPU;
 they run on the GPU too when one is present). Tolerance: mamba's rule, <= 2x eager bf16 error + a few bf16 ulps."""
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # tests/conftest.py does this too; here so the module also runs on its own
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from zaya_kernels import (cca_qk_prep, cca_qk_prep_ref, latent_attention, latent_attention_decode,  # noqa: E402
+import _helpers  # noqa: F401 (first: the Triton interpreter without CUDA)
+from zaya_kernels import (cca_qk_prep, cca_qk_prep_ref, latent_attention, latent_attention_decode,
                           latent_attention_decode_ref, latent_attention_ref, moe_experts, moe_experts_ref)
-from zaya_kernels.cca_qk import rope_cos_sin  # noqa: E402
-from zaya_kernels.testing import assert_half_close  # noqa: E402
+from zaya_kernels.cca_qk import rope_cos_sin
+from zaya_kernels.testing import assert_half_close
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 BF16, ULP = torch.bfloat16, torch.finfo(torch.bfloat16).eps

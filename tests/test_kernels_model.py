@@ -5,18 +5,13 @@ in the Triton CPU interpreter. Both sides are fp32 with exact (IEEE) fp32 dots, 
 order: measured ~1e-7 relative for logits and up to 2.2e-5 for the worst single parameter's gradient (CPU
 interpreter); the tolerances below leave about 10x margin while still failing on any wrong mask, index or missing
 term (those give errors of order 1)."""
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # tests/conftest.py does this too; here so the module also runs on its own
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from _helpers import DEVICE  # first: the Triton interpreter without CUDA
+from zaya_lib.config import get_config
+from zaya_lib.model import ZayaForCausalLM
 
-from zaya_lib.config import get_config  # noqa: E402
-from zaya_lib.model import ZayaForCausalLM  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LOGIT_RTOL, GRAD_RTOL = 1e-6, 2e-4
 
 

@@ -1,20 +1,14 @@
 """Top-1 MoE expert kernels vs the per-expert loop reference: forward, dx/dgate/dW, skipped tokens, errors.
 
-Runs on a GPU when CUDA is present, else in the Triton CPU interpreter (TRITON_INTERPRET=1 must be set before the
-kernels are decorated, hence before the import below)."""
-import os
-
+Runs on a GPU when CUDA is present, else in the Triton CPU interpreter (`_helpers` sets it up before the kernels are
+imported)."""
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # tests/conftest.py does this too; here so the module also runs on its own
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from _helpers import DEVICE, HALF  # first: the Triton interpreter without CUDA
+from zaya_kernels import moe_experts, moe_experts_ref
+from zaya_kernels.testing import assert_close, assert_half_close
 
-from zaya_kernels import moe_experts, moe_experts_ref  # noqa: E402
-from zaya_kernels.testing import assert_close, assert_half_close  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-HALF = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])  # bf16 dots are broken in the interpreter
 # fp32: identical products summed in another order (fp32 accumulation); measured ~2e-7 rel-RMSE, 1e-4 is generous.
 # atol 1e-6: grads of experts that got no token are exactly 0 in both.
 RATIO32, ATOL32 = 1e-4, 1e-6

@@ -2,15 +2,13 @@
 import json
 
 import pytest
-import torch
 
-from zaya_lib.config import get_config
 from zaya_lib.data.aggregation import fixed_overhead
-from zaya_lib.data.tokenizer import train_tokenizer
-from zaya_lib.data.trimming import encode_text
-from zaya_lib.model import ZayaForCausalLM
+from zaya_lib.data.tokenizer import encode_text, train_tokenizer
 from zaya_lib.ttc.backends import Backend, Completion, EngineBackend
 from zaya_lib.ttc.rsa import RSAError, majority_answer, run_rsa, self_consistency
+
+from _helpers import tiny_model
 
 PROBLEMS = [("Compute 12+7.", "19"), ("Compute 30+4.", "34"), ("How many a in banana?", "3")]
 
@@ -52,9 +50,7 @@ class Scripted(Backend):
 
 
 def test_context_bound_holds_by_construction_for_every_round(tok):
-    torch.manual_seed(0)
-    cfg = get_config("debug", vocab_size=len(tok), eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    spy = Spy(EngineBackend(ZayaForCausalLM(cfg).eval(), tok))
+    spy = Spy(EngineBackend(tiny_model(tok).eval(), tok))
     N, K, T, tau, budget = 3, 2, 4, 4, 8
     res = run_rsa(spy, tok, PROBLEMS, N=N, K=K, T=T, tau=tau, max_new_tokens=budget, seed=1)
     assert len(spy.calls) == T and len(res.rounds) == T and res.completed
@@ -66,7 +62,7 @@ def test_context_bound_holds_by_construction_for_every_round(tok):
             assert len(p) <= len(q) + K * tau + overhead  # the acceptance bound, whatever the round
         assert res.rounds[t].max_prompt_tokens <= res.rounds[t].prompt_bound
     # the random model rambles to the budget, so tails really are cut: plain RSA, carrying whole traces, needs more
-    spy_plain = Spy(EngineBackend(ZayaForCausalLM(cfg).eval(), tok))
+    spy_plain = Spy(EngineBackend(tiny_model(tok, seed=None).eval(), tok))
     plain = run_rsa(spy_plain, tok, PROBLEMS, N=N, K=K, T=2, tau=None, max_new_tokens=budget, seed=1)
     assert plain.rounds[-1].max_prompt_tokens > res.rounds[-1].prompt_bound
     # tokens generated are cumulative and counted from the completions

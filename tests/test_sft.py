@@ -5,24 +5,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zaya_lib.config import get_config
 from zaya_lib.data.corpora import instruct_corpus, math_corpus
 from zaya_lib.data.tasks import make_problems
-from zaya_lib.data.tokenizer import train_tokenizer
-from zaya_lib.data.trimming import chat_ids
-from zaya_lib.model import ZayaForCausalLM
+from zaya_lib.data.tokenizer import chat_ids, train_tokenizer
+from zaya_lib.model.checkpoint import load_hf_checkpoint, save_hf_checkpoint
 from zaya_lib.train import sft
+from zaya_lib.train.evaluate import evaluate_aggregation
+
+from _helpers import tiny_model
 
 
 @pytest.fixture(scope="module")
 def tok():
     texts = list(math_corpus(200, seed=1)["text"]) + list(instruct_corpus(200, seed=1)["text"])
     return train_tokenizer(texts, vocab_size=384)
-
-
-def _model(tok, seed=0, **kw):
-    torch.manual_seed(seed)
-    return ZayaForCausalLM(get_config("debug", vocab_size=len(tok), **kw))
 
 
 def _chats(n=40, seed=0):
@@ -70,7 +66,7 @@ def test_labels_are_minus_100_exactly_outside_assistant_spans(tok):
 def test_gradients_do_not_depend_on_non_assistant_targets(tok):
     samples, _ = sft.trimmed_chat_samples(tok, _chats(8), budget=127)
     data, _ = sft.pack_sft_data({"reasoning": samples}, seq_len=127, pad_id=tok.pad_token_id)
-    model = _model(tok)
+    model = tiny_model(tok)
     x = data.tokens_NT1[:, :-1]
 
     def grads(target_ids):
@@ -105,7 +101,7 @@ def test_trainer_applies_the_same_mask(tok):
     samples, _ = sft.trimmed_chat_samples(tok, _chats(12), budget=127)
     data, _ = sft.pack_sft_data({"reasoning": samples[:12], "instruct": samples[12:]}, seq_len=127,
                                 pad_id=tok.pad_token_id)
-    model = _model(tok)
+    model = tiny_model(tok)
     with torch.no_grad():
         logits = model(data.tokens_NT1[:, :-1]).logits
         labels = sft.sft_labels(data.tokens_NT1, data.loss_mask_NT1)
@@ -153,15 +149,15 @@ def test_trimming_keeps_the_answer_when_the_window_is_short(tok):
 
 
 def test_rope_theta_switch_persists_in_checkpoint(tok, tmp_path):
-    model = _model(tok).eval()
+    model = tiny_model(tok).eval()
     ids = torch.randint(9, len(tok), (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = model(ids).logits
         model.set_rope_theta(5.0e5)
         after = model(ids).logits
     assert float((after - before).abs().max()) > 1e-4  # the base really changes the computation
-    path = sft.save_hf_checkpoint(model, tok, tmp_path / "checkpoints" / "sft")
-    loaded, tok2 = sft.load_hf_checkpoint(path)
+    path = save_hf_checkpoint(model, tok, tmp_path / "checkpoints" / "sft")
+    loaded, tok2 = load_hf_checkpoint(path)
     assert loaded.config.rope_theta == 5.0e5
     assert len(tok2) == len(tok)
     with torch.no_grad():
@@ -170,7 +166,7 @@ def test_rope_theta_switch_persists_in_checkpoint(tok, tmp_path):
         torch.testing.assert_close(loaded.eval()(ids).logits, after, rtol=0, atol=1e-6)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
     # overwriting an existing checkpoint swaps it atomically and leaves no temp folders behind
-    sft.save_hf_checkpoint(loaded, tok2, path)
+    save_hf_checkpoint(loaded, tok2, path)
     assert sorted(p.name for p in path.parent.iterdir()) == ["sft"]
 
 
@@ -189,7 +185,7 @@ def test_validation_fails_at_once(tok):
 def test_aggregation_samples_and_eval_with_the_engine(tok):
     """Expert + self aggregation examples (self candidates sampled by the real engine from a random debug model):
     loss only on the target, each fits the window; then the evaluation round runs end to end."""
-    model = _model(tok)
+    model = tiny_model(tok)
     probs = make_problems("add", 6, seed=0, difficulty=2)
     sample_fn = sft.engine_sampler(model, tok, max_new_tokens=12, temperature=1.0)
     samples, info = sft.aggregation_samples(tok, probs[:3], probs[3:], C=2, tau=8, budget=255,
@@ -200,6 +196,6 @@ def test_aggregation_samples_and_eval_with_the_engine(tok):
         assert len(ids) <= 255
         first = mask.index(1)
         assert ids[first - 1] == ids_.assistant and sum(mask[first:]) == len(mask) - first  # target only
-    ev = sft.evaluate_aggregation(model, tok, probs[:3], k=2, tau=8, max_new_tokens=8)
+    ev = evaluate_aggregation(model, tok, probs[:3], k=2, tau=8, max_new_tokens=8)
     assert ev.n_problems == 3 and all(0.0 <= v <= 1.0 for v in (ev.single, ev.aggregated, ev.majority, ev.pass_at_k))
     assert ev.pass_at_k >= ev.single and ev.pass_at_k >= ev.majority

@@ -6,9 +6,11 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from zaya_lib.data.tasks import make_problems
-from zaya_lib.data.tokenizer import encode_chat, encode_messages, train_tokenizer
-from zaya_lib.data.trimming import (chat_ids, chat_turns, encode_turns, irreducible_len, split_thinking, trim,
-                                    trim_per_budget, trim_samples)
+from zaya_lib.data.tokenizer import chat_ids, encode_chat, encode_messages
+from zaya_lib.data.trimming import (chat_turns, encode_turns, irreducible_len, split_thinking, trim, trim_per_budget,
+                                    trim_samples)
+
+from _helpers import problem_tokenizer
 
 WORDS = ["the", "answer", "is", "so", "we", "add", "carry", "one", "then", "check", "x", "=", "+", "12", "7", "."]
 
@@ -16,8 +18,7 @@ WORDS = ["the", "answer", "is", "so", "we", "add", "carry", "one", "then", "chec
 @pytest.fixture(scope="module")
 def tok():
     probs = make_problems("add", 40, seed=3, difficulty=3) + make_problems("count_letter", 40, seed=3, difficulty=2)
-    texts = [p.question + " " + p.response() for p in probs] + [" ".join(WORDS)] * 20
-    return train_tokenizer(texts, vocab_size=400)
+    return problem_tokenizer(probs, [" ".join(WORDS)] * 20, vocab_size=400)
 
 
 text = st.lists(st.sampled_from(WORDS), min_size=0, max_size=12).map(" ".join)

@@ -4,8 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zaya_lib.config import get_config
-from zaya_lib.model import ZayaForCausalLM
+from _helpers import tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +33,7 @@ def _grpo(model, tokenizer, tmp_path, peft_config=None, steps=2):
 
 
 def test_two_grpo_steps_full_finetune(tokenizer, tmp_path):
-    torch.manual_seed(0)
-    cfg = get_config("debug", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    model = ZayaForCausalLM(cfg)
+    model = tiny_model(tokenizer)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = _grpo(model, tokenizer, tmp_path)
     assert trainer.state.global_step == 2
@@ -50,10 +46,7 @@ def test_two_grpo_steps_full_finetune(tokenizer, tmp_path):
 def test_two_grpo_steps_with_lora(tokenizer, tmp_path):
     from peft import LoraConfig
 
-    torch.manual_seed(0)
-    cfg = get_config("debug", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    model = ZayaForCausalLM(cfg)
+    model = tiny_model(tokenizer)
     lora = LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM",
                       target_modules=["q_proj", "k_proj", "v_proj_current", "v_proj_delayed", "o_proj"])
     trainer = _grpo(model, tokenizer, tmp_path, peft_config=lora)

@@ -4,7 +4,7 @@ Notable features:
 - `progress` is tqdm when a person watches a terminal and silent under papermill/CI (ZAYA_PROGRESS=0 or no TTY),
   so headless logs are not flooded with carriage-return spam.
 - `atomic_write_*` write to a temporary file in the target folder and `os.replace` it: a reader (or a crash) never
-  sees a half-written file.
+  sees a half-written file; `atomic_dir` does the same for a whole folder (tokenizers, checkpoints).
 """
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ import json
 import os
 import random
 import sys
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-__all__ = ["progress", "atomic_write_text", "atomic_write_json", "atomic_path", "seed_everything", "pick_device", "progress_enabled"]
+__all__ = ["progress", "atomic_write_text", "atomic_write_json", "atomic_path", "atomic_dir", "seed_everything",
+           "pick_device", "progress_enabled"]
 
 
 def progress_enabled() -> bool:
@@ -52,6 +54,28 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary folder next to `path`; on success it takes `path`'s place (an existing folder is moved
+    aside first, since `os.replace` cannot overwrite a non-empty one, and deleted after), on error it is removed. A
+    reader sees the old folder or the new one, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / "dir")
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

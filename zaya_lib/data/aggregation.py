@@ -26,9 +26,8 @@ import random
 from typing import Any, Callable, Sequence
 
 from zaya_lib.data.tasks import Problem, corrupt_rollout
-from zaya_lib.data.tokenizer import encode_chat
-from zaya_lib.data.trimming import (ChatIds, EncodedSample, EncodedTurn, chat_ids, encode_text, split_thinking,
-                                    trim)
+from zaya_lib.data.tokenizer import ChatIds, chat_ids, encode_chat, encode_text
+from zaya_lib.data.trimming import EncodedSample, EncodedTurn, split_thinking, trim
 
 __all__ = [
     "tail", "completion_trace", "candidate_tail", "fixed_overhead", "build_aggregation_prompt_ids",

@@ -1,4 +1,4 @@
-"""Byte-level BPE tokenizer with the project's special tokens and chat template.
+"""Byte-level BPE tokenizer with the project's special tokens and chat template, and how any text or chat becomes ids.
 
 Notable features:
 - Trained offline with `tokenizers` in seconds on an iterator of texts (no hub download: tiktoken and hub tokenizers
@@ -13,22 +13,26 @@ Notable features:
 - A Jinja chat template with `{% generation %}` markers, so TRL's `assistant_only_loss` can find the assistant span
   (environment.md appendix section 5); `encode_chat`/`encode_messages` build the same ids and the assistant mask
   directly, piece by piece, for our own SFT code.
+- Encoding for every other module: `encode_text` (plain text, no template), `chat_ids` (the chat format's special
+  ids, checked present), `stop_ids` (what ends a completion); they work with an HF fast tokenizer or a raw
+  `tokenizers.Tokenizer`.
 - `save_tokenizer` is atomic (temp dir, then rename); `load_tokenizer` names the missing file.
 """
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from zaya_lib.utils import atomic_dir
+
 __all__ = [
     "SPECIAL_TOKENS", "VOCAB_MULTIPLE", "CHAT_TEMPLATE", "train_tokenizer", "save_tokenizer", "load_tokenizer",
-    "encode_chat", "encode_messages", "encode_document", "render_chat",
+    "ChatIds", "chat_ids", "encode_text", "stop_ids", "encode_chat", "encode_messages", "encode_document",
+    "render_chat",
 ]
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
@@ -107,21 +111,8 @@ def _wrap(backend: Tokenizer) -> PreTrainedTokenizerFast:
 def save_tokenizer(tok: PreTrainedTokenizerFast, path: str | os.PathLike) -> Path:
     """Save in Hugging Face format to directory `path`, atomically: a reader sees the old or the new tokenizer."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         tok.save_pretrained(str(tmp))
-        old = None
-        if path.exists():
-            # os.replace cannot overwrite a non-empty directory: move the old one aside first.
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-            os.replace(path, old / "dir")
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
@@ -143,9 +134,62 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
     return tok
 
 
-def _ids(tok: PreTrainedTokenizerFast, text: str) -> list[int]:
-    # Special-token strings inside `text` (e.g. <think>) become their single ids; no bos/eos is added.
-    return tok.encode(text, add_special_tokens=False) if text else []
+# ---------------------------------------------------------------------------------------------------------------------
+# encoding: how any text or chat becomes ids (an HF fast tokenizer or a raw `tokenizers.Tokenizer` with our specials)
+
+
+class ChatIds(NamedTuple):
+    """Ids of the chat format's special tokens (brief: `<pad>` is id 0, `<|end|>` ends a turn and stops generation)."""
+    pad: int
+    bos: int
+    eos: int
+    system: int
+    user: int
+    assistant: int
+    end: int
+    think: int
+    end_think: int
+
+    def role(self, role: str) -> int:
+        return {"system": self.system, "user": self.user, "assistant": self.assistant}[role]
+
+
+_CHAT_TOKENS = dict(zip(ChatIds._fields, SPECIAL_TOKENS))  # field name -> token string, in id order
+
+
+def chat_ids(tokenizer: Any) -> ChatIds:
+    """Look up every special token of our chat format; a tokenizer missing one raises naming it."""
+    if hasattr(tokenizer, "token_to_id"):            # raw tokenizers.Tokenizer: None when absent
+        lookup = tokenizer.token_to_id
+    elif hasattr(tokenizer, "convert_tokens_to_ids"):  # HF tokenizer: None (no unk) or the unk id when absent
+        unk = getattr(tokenizer, "unk_token_id", None)
+
+        def lookup(tok: str) -> int | None:
+            i = tokenizer.convert_tokens_to_ids(tok)
+            return None if unk is not None and i == unk else i
+    else:
+        raise TypeError(f"expected a tokenizers.Tokenizer or a Hugging Face tokenizer, got {type(tokenizer).__name__}")
+    found = {name: lookup(tok) for name, tok in _CHAT_TOKENS.items()}
+    missing = [_CHAT_TOKENS[name] for name, i in found.items() if i is None]
+    if missing:
+        raise ValueError(f"tokenizer lacks the special tokens {missing}; train it with zaya_lib.data.tokenizer")
+    return ChatIds(**found)
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of plain text, without bos/eos or any template (works for both tokenizer kinds). Special-token
+    strings inside `text` (e.g. `<think>`) become their single ids; empty text (or None) is no ids."""
+    if not text:
+        return []
+    out = tokenizer.encode(text, add_special_tokens=False)
+    return list(out.ids) if hasattr(out, "ids") else list(out)
+
+
+def stop_ids(tokenizer: Any) -> list[int]:
+    """Token ids that end a completion: `<|end|>` (the turn's end) and any other turn-structure token a weak model may
+    emit instead (`<eos>`, `<bos>`, role markers); tails must never contain them (`aggregation._validate`)."""
+    ids = chat_ids(tokenizer)
+    return [ids.end, ids.eos, ids.bos, ids.user, ids.system, ids.assistant]
 
 
 def encode_messages(tok: PreTrainedTokenizerFast, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
@@ -158,7 +202,7 @@ def encode_messages(tok: PreTrainedTokenizerFast, messages: Sequence[dict]) -> t
         role = m.get("role")
         if role not in ROLE_TOKENS:
             raise ValueError(f"message {i}: unknown chat role {role!r}; expected one of {sorted(ROLE_TOKENS)}")
-        body = _ids(tok, m["content"]) + [sid(END)]
+        body = encode_text(tok, m["content"]) + [sid(END)]
         ids += [sid(ROLE_TOKENS[role])] + body
         mask += [0] + [int(role == "assistant")] * len(body)
     return ids, mask
@@ -185,4 +229,4 @@ def render_chat(question: str, response: str | None = None) -> str:
 
 def encode_document(tok: PreTrainedTokenizerFast, text: str) -> list[int]:
     """A pretraining document: `<bos>{text}<eos>`."""
-    return [tok.convert_tokens_to_ids(BOS)] + _ids(tok, text) + [tok.convert_tokens_to_ids(EOS)]
+    return [tok.convert_tokens_to_ids(BOS)] + encode_text(tok, text) + [tok.convert_tokens_to_ids(EOS)]

@@ -27,63 +27,17 @@ Works with a Hugging Face `PreTrainedTokenizerFast` or a raw `tokenizers.Tokeniz
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, Iterable, Sequence
+
+from zaya_lib.data.tokenizer import ChatIds, chat_ids, encode_text
 
 __all__ = [
-    "ChatIds", "chat_ids", "encode_text", "split_thinking", "chat_turns",
+    "split_thinking", "chat_turns",
     "EncodedTurn", "EncodedSample", "encode_turns", "TrimResult", "TrimStats",
     "irreducible_len", "trim", "trim_samples", "trim_per_budget",
 ]
 
 ROLES = ("system", "user", "assistant")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# tokenizer access (HF fast tokenizer or raw `tokenizers.Tokenizer`)
-
-class ChatIds(NamedTuple):
-    """Ids of the chat format's special tokens (brief: `<pad>` is id 0, `<|end|>` ends a turn and stops generation)."""
-    pad: int
-    bos: int
-    eos: int
-    system: int
-    user: int
-    assistant: int
-    end: int
-    think: int
-    end_think: int
-
-    def role(self, role: str) -> int:
-        return {"system": self.system, "user": self.user, "assistant": self.assistant}[role]
-
-
-_SPECIAL = {"pad": "<pad>", "bos": "<bos>", "eos": "<eos>", "system": "<|system|>", "user": "<|user|>",
-            "assistant": "<|assistant|>", "end": "<|end|>", "think": "<think>", "end_think": "</think>"}
-
-
-def chat_ids(tokenizer: Any) -> ChatIds:
-    """Look up every special token of our chat format; a tokenizer missing one raises naming it."""
-    if hasattr(tokenizer, "token_to_id"):            # raw tokenizers.Tokenizer: None when absent
-        lookup = tokenizer.token_to_id
-    elif hasattr(tokenizer, "convert_tokens_to_ids"):  # HF tokenizer: None (no unk) or the unk id when absent
-        unk = getattr(tokenizer, "unk_token_id", None)
-
-        def lookup(tok: str) -> int | None:
-            i = tokenizer.convert_tokens_to_ids(tok)
-            return None if unk is not None and i == unk else i
-    else:
-        raise TypeError(f"expected a tokenizers.Tokenizer or a Hugging Face tokenizer, got {type(tokenizer).__name__}")
-    found = {name: lookup(tok) for name, tok in _SPECIAL.items()}
-    missing = [_SPECIAL[name] for name, i in found.items() if i is None]
-    if missing:
-        raise ValueError(f"tokenizer lacks the special tokens {missing}; train it with zaya_lib.data.tokenizer")
-    return ChatIds(**found)
-
-
-def encode_text(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of plain text, without bos/eos or any template (works for both tokenizer kinds)."""
-    out = tokenizer.encode(text, add_special_tokens=False)
-    return list(out.ids) if hasattr(out, "ids") else list(out)
 
 
 # ---------------------------------------------------------------------------------------------------------------

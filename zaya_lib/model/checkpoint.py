@@ -1,6 +1,11 @@
-"""Checkpoint layouts: transformers' 40-layer ZAYA layout (ours) <-> the original 80-half-layer layout [spec §5].
+"""Checkpoints: the phases' Hugging Face folders (the one writer and the one reader), and transformers' 40-layer ZAYA
+layout (ours) <-> the original 80-half-layer layout [spec §5].
 
 Notable features:
+- `save_hf_checkpoint` writes every phase's checkpoint (pretraining, midtraining, SFT, RL): `save_pretrained` of
+  the model, the tokenizer and any extra files, atomically (`zaya_lib.utils.atomic_dir`). `load_hf_checkpoint` reads
+  them back as (model, tokenizer), with the routing statistics off the meta device; `checkpoint_tokenizer` reads
+  only the tokenizer (the folder's own copy, else `<run_dir>/tokenizer`).
 - `convert_original_to_hf` / `convert_hf_to_original`: the 80 alternating half-layers (even = CCA, odd = MoE) with a
   `res_scale` at the start of each half-layer map 1:1 onto our (attention, MoE) blocks with two residual scalings.
 - `load_state_dict_checked`: missing, unexpected and mis-shaped tensors are all named in one ValueError, before any
@@ -11,13 +16,16 @@ Notable features:
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
 import torch
 
+from ..utils import atomic_dir
+
 __all__ = [
-    "convert_original_to_hf", "convert_hf_to_original", "load_state_dict_checked", "load_checkpoint",
+    "save_hf_checkpoint", "load_hf_checkpoint", "checkpoint_tokenizer", "convert_original_to_hf", "convert_hf_to_original", "load_state_dict_checked", "load_checkpoint",
     "read_safetensors_dir", "is_original_layout", "to_hf_reference", "hf_reference_config",
 ]
 
@@ -243,3 +251,53 @@ def to_hf_reference(model):
     load_state_dict_checked(ref, model.state_dict(), source="our model")
     ref.tie_weights()
     return ref.train(model.training)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the phases' checkpoints
+
+
+def save_hf_checkpoint(model, tokenizer, path: str | os.PathLike, extra_files: dict[str, str] | None = None) -> Path:
+    """`save_pretrained` of the model (config.json + safetensors, transformers' ZAYA layout), the tokenizer and any
+    `extra_files` ({name: text}) into `path`, atomically: written in a hidden temp dir next to it, then swapped in by
+    rename, so a reader sees the old checkpoint or the new one, never a partial one. The one writer of every phase's
+    checkpoint (pretraining, midtraining, SFT, RL)."""
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return path
+
+
+def load_hf_checkpoint(path: str | os.PathLike, device="cpu"):
+    """(model, tokenizer) from a phase checkpoint folder; the tokenizer from the same folder, else
+    `<run_dir>/tokenizer`. The one reader of the phases' checkpoints (`save_hf_checkpoint` writes them)."""
+    from transformers.utils import logging as hf_logging
+
+    from ..utils import progress_enabled
+    from .modeling import ZayaForCausalLM
+
+    if not progress_enabled():
+        hf_logging.disable_progress_bar()
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no Hugging Face checkpoint at {str(path)!r} (config.json missing); run the earlier "
+                                "phase's notebook first")
+    model = ZayaForCausalLM.from_pretrained(path).to(device)
+    for r in model.routers():  # routing statistics are not weights: from_pretrained may leave them on the meta device
+        if getattr(r, "load_counts", None) is not None and r.load_counts.is_meta:
+            r.load_counts = torch.zeros(r.K, device=device)
+            r.prob_sum = torch.zeros(r.K, device=device)
+            r.entropy_sum = torch.zeros((), device=device)
+    return model, checkpoint_tokenizer(path)
+
+
+def checkpoint_tokenizer(path: str | os.PathLike):
+    """The tokenizer of a phase checkpoint folder (its own copy, else `<run_dir>/tokenizer`), without the weights."""
+    from ..data.tokenizer import load_tokenizer
+
+    path = Path(path)
+    return load_tokenizer(path if (path / "tokenizer.json").is_file() else path.parent.parent / "tokenizer")

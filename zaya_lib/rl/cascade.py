@@ -78,7 +78,6 @@ Optimizer: momentum-free Muon + AdamW (`zaya_lib.rl.muon.muon_adamw`, `RLStage.o
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import random
@@ -86,25 +85,28 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from zaya_lib.data.aggregation import build_aggregation_prompt_ids, candidate_tail
-from zaya_lib.data.tasks import MAX_DIFFICULTY, TASKS, Problem, make_problems
+from zaya_lib.data.answers import completion_to_text
+from zaya_lib.data.tasks import MAX_DIFFICULTY, TASKS, make_problems
 from zaya_lib.data.tokenizer import encode_chat, render_chat
+from zaya_lib.model.checkpoint import save_hf_checkpoint
 from zaya_lib.rl import verifiers
 from zaya_lib.rl.gym import BOXED_HINT, ENVIRONMENTS, Gym, get_environment
 from zaya_lib.rl.muon import muon_adamw
-from zaya_lib.utils import atomic_write_json, progress, progress_enabled
+from zaya_lib.ttc.backends import generate_ids
+from zaya_lib.utils import atomic_dir, progress_enabled
 
 __all__ = [
     "RLStage", "SOURCE_KINDS", "REWARD_KINDS", "LORA_TARGETS", "default_cascade", "validate_stages", "source_kind",
     "StageDataset", "build_stage_dataset", "make_reward_funcs", "make_grpo_config", "BalancingCallback",
     "assert_no_router_aux_loss", "run_stage", "run_cascade", "finished_stages", "stage_dir", "load_stage",
-    "evaluate_heldout", "evaluate_heldout_sampled", "paired_difference", "generate_ids", "save_policy", "load_policy",
+    "save_policy",
 ]
 
 SOURCE_KINDS = ("tasks", "env", "gym", "rg", "code", "instruct")
@@ -352,38 +354,6 @@ def _make_row(src: str, stage: RLStage, rng: random.Random) -> dict:
     raise ValueError(f"unknown source kind {kind!r}")  # unreachable after validate_stages
 
 
-@torch.no_grad()
-def generate_ids(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
-                 batch_size: int = 64, seed: int = 0) -> list[list[int]]:
-    """Completion ids (up to and excluding `<|end|>`) for token-id prompts, left-padded batches through
-    `model.generate` (our ZayaCache). temperature 0 = greedy."""
-    was_training = model.training
-    model.eval()
-    end = tokenizer.convert_tokens_to_ids("<|end|>")
-    pad = tokenizer.pad_token_id
-    dev = next(model.parameters()).device
-    out: list[list[int]] = []
-    gen = torch.Generator().manual_seed(seed)
-    for s in range(0, len(prompts), batch_size):
-        chunk = prompts[s:s + batch_size]
-        T = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), T), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, p in enumerate(chunk):
-            ids[r, T - len(p):] = torch.tensor(p)
-            mask[r, T - len(p):] = 1
-        torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))  # generate samples from the global RNG
-        kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
-        o = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
-                           eos_token_id=end, pad_token_id=pad, **kw)
-        for row in o[:, T:].tolist():
-            cut = row.index(end) if end in row else len(row)
-            out.append([t for t in row[:cut] if t != pad])
-    if was_training:
-        model.train()
-    return out
-
-
 def _aggregation_prompts(model, tokenizer, rows: list[dict], stage: RLStage, seed: int) -> None:
     """Turn `rows` (tasks rows) into Markovian RSA aggregation prompts, in place: K samples of the current policy per
     problem, their last tau tokens as tails, the shared builder for the prompt ids."""
@@ -453,7 +423,7 @@ class _KindReward:
             texts = self.tok.batch_decode([[t for t in c if t != self.tok.pad_token_id] for c in completion_ids],
                                           skip_special_tokens=False)
         else:
-            texts = [verifiers.completion_to_text(c) for c in completions]
+            texts = [completion_to_text(c) for c in completions]
         kinds = kw.get("kind") or [""] * n
         out: list[float | None] = [None] * n
         for kind in sorted(set(kinds) & self.kinds):
@@ -630,9 +600,7 @@ def finished_stages(ckpt_root: str | os.PathLike, stages: Sequence[RLStage]) -> 
 
 
 def _save_stage(model, tokenizer, gym: Gym | None, path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if gym is not None:
@@ -640,26 +608,12 @@ def _save_stage(model, tokenizer, gym: Gym | None, path: Path, record: dict) -> 
         torch.save(model.balancer.state_dict(), tmp / "balancer.pt")
         (tmp / "stage_log.json").write_text(json.dumps(record.get("result", {}), default=str))
         (tmp / DONE_MARKER).write_text(json.dumps({k: v for k, v in record.items() if k != "result"}, default=str))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_policy(model, tokenizer, path: str | os.PathLike) -> Path:
-    """The policy (LoRA merged, peft wrapper removed) as a phase checkpoint at `path` (atomic)."""
-    from zaya_lib.train.trainer import save_hf_checkpoint
-
+    """The policy (LoRA merged, peft wrapper removed) as a phase checkpoint at `path` (atomic; read it back with
+    `zaya_lib.model.checkpoint.load_hf_checkpoint`)."""
     return save_hf_checkpoint(_base_zaya(model), tokenizer, path)
-
-
-def load_policy(path: str | os.PathLike, device="cpu"):
-    """(model, tokenizer) from a checkpoint folder (e.g. `run_dir/checkpoints/sft`); a missing one is named."""
-    from zaya_lib.train.sft import load_hf_checkpoint
-
-    return load_hf_checkpoint(path, device=device)
 
 
 def load_stage(model, path: str | os.PathLike, gym: Gym | None = None) -> dict:
@@ -707,46 +661,3 @@ def run_cascade(model, tokenizer, stages: Sequence[RLStage], ckpt_root: str | os
         if on_stage_end is not None:
             on_stage_end(i, s, res)
     return results
-
-
-# ---------------------------------------------------------------------------------------------------------- evaluation
-def evaluate_heldout(model, tokenizer, problems: Sequence[Problem], max_new_tokens: int, batch_size: int = 64) -> list[float]:
-    """Greedy pass@1 per held-out problem (1.0/0.0), judged by `verifiers.score_math` on the text with its think
-    delimiters kept."""
-    prompts = [encode_chat(tokenizer, p.question)[0] for p in problems]
-    comps = generate_ids(model, tokenizer, prompts, max_new_tokens, temperature=0.0, batch_size=batch_size)
-    texts = tokenizer.batch_decode(comps, skip_special_tokens=False)
-    return [verifiers.score_math(t, p.answer) for t, p in zip(texts, problems)]
-
-
-def evaluate_heldout_sampled(model, tokenizer, problems: Sequence[Problem], max_new_tokens: int, k: int = 4,
-                             temperature: float = 1.0, seed: int = 0, batch_size: int = 128) -> list[float]:
-    """Sampled pass@1 per held-out problem: the mean accuracy of `k` samples at `temperature` (the paper's "Pass@1",
-    the mean accuracy over a population of samples; spec §1), through the seeded generation engine, so the same seed
-    gives the same draws for every checkpoint compared."""
-    from zaya_lib.ttc.engine import Engine
-
-    if k <= 0 or not temperature > 0:
-        raise ValueError(f"sampled pass@1 needs k > 0 and temperature > 0, got k={k}, temperature={temperature}")
-    was_training = model.training
-    engine = Engine(model, tokenizer, eos_token_id=tokenizer.convert_tokens_to_ids("<|end|>"), batch_size=batch_size)
-    prompts = [encode_chat(tokenizer, p.question)[0] for p in problems for _ in range(k)]
-    out = engine.generate(prompts, max_new_tokens, temperature=temperature, seed=seed, desc="held-out samples")
-    model.train(was_training)
-    scores = [verifiers.score_math(t, problems[i // k].answer) for i, t in enumerate(out.texts)]
-    return [sum(scores[i * k:(i + 1) * k]) / k for i in range(len(problems))]
-
-
-def paired_difference(before: Sequence[float], after: Sequence[float], n_boot: int = 2000, seed: int = 0) -> dict:
-    """after - before on the same problems: mean, standard error of the paired difference, and a percentile
-    bootstrap 95% interval (resampling problems)."""
-    if len(before) != len(after) or not before:
-        raise ValueError(f"paired_difference: need two equal, non-empty lists, got {len(before)} and {len(after)}")
-    d = torch.tensor(after, dtype=torch.float64) - torch.tensor(before, dtype=torch.float64)
-    n = d.numel()
-    se = float(d.std(unbiased=True) / n ** 0.5) if n > 1 else float("nan")
-    g = torch.Generator().manual_seed(seed)
-    boots = d[torch.randint(0, n, (n_boot, n), generator=g)].mean(1)
-    lo, hi = torch.quantile(boots, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return {"before": sum(before) / n, "after": sum(after) / n, "diff": float(d.mean()), "se": se,
-            "ci95": [lo, hi], "n": n}

@@ -16,8 +16,9 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from zaya_lib.data.answers import completion_to_text, extract_code
 from zaya_lib.rl.sandbox import run_python
-from zaya_lib.rl.verifiers import completion_to_text, extract_code, score_code
+from zaya_lib.rl.verifiers import score_code
 
 __all__ = ["CodeTemplate", "TEMPLATES", "make_problem", "reference_output", "score_program", "CodeEnvironment",
            "CODE_ENVIRONMENTS", "CODE_HINT"]

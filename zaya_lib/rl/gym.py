@@ -3,7 +3,7 @@
 Notable features:
 - `Environment` protocol: `name`, `max_difficulty`, `generate(seed, difficulty) -> {"prompt", "answer", "metadata"}`
   (deterministic in (seed, difficulty)), `verify(problem, completion) -> {"reward", "accuracy", "format"}`.
-  Answers are read with the project's extraction rule (`zaya_lib.rl.verifiers.extract_answer`: after `</think>`,
+  Answers are read with the project's extraction rule (`zaya_lib.data.answers.extract_answer`: after `</think>`,
   last balanced `\\boxed{}`); accuracy = reward >= 1, as RLVE's verifier does.
 - Environments: our own procedural arithmetic/list tasks whose difficulty is a number of digits/terms, the
   `zaya_lib.data.tasks` families SFT trained on (`tasks/<task>`, difficulty = the task's level - 1), and
@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any, Protocol, Sequence, runtime_checkable
 
-from zaya_lib.rl.verifiers import completion_to_text, extract_answer, math_equal, score_reasoning_gym
+from zaya_lib.data.answers import completion_to_text, extract_answer, math_equal, score_reasoning_gym
 
 __all__ = ["Environment", "ENVIRONMENTS", "get_environment", "DifficultyController", "Gym", "BOXED_HINT"]
 

@@ -1,4 +1,5 @@
-"""Held-out evaluation for the training phases: loss per category, loss by token position, pass@1 on reasoning tasks.
+"""Held-out evaluation, the one home for every phase: loss per category and by position, pass@1 on reasoning tasks
+(greedy or sampled), one Markovian aggregation round, and paired differences between checkpoints.
 
 Notable features:
 - `eval_loss` runs packed held-out windows (`TrainData`) in eval mode (no routing statistics, no balancing) and
@@ -6,19 +7,41 @@ Notable features:
 - `loss_by_position` averages the loss at each position of long windows, in buckets: the context-extension plot
   (midtraining; a model that cannot use a longer context shows a loss that stops falling, or rises, past its
   training length).
-- `pass_at_1` generates with `zaya_lib.ttc.engine.Engine` (batched, compressed KV cache) from the chat prompt
-  `<bos><|user|>q<|end|><|assistant|>` and judges with the project's verifier (`zaya_lib.rl.verifiers.score_math`:
-  text after the last `</think>`, last `\\boxed{}`), per task and overall, with a binomial standard error. Greedy by
-  default; with `temperature > 0` and `n_samples > 1` it is the mean over samples (unbiased pass@1).
+- pass@1: every prompt is the chat generation prompt `<bos><|user|>q<|end|><|assistant|>` and every response is
+  judged by the project's answer rule (`zaya_lib.data.answers.score_math`: text after the last `</think>`, last
+  `\\boxed{}`; `score_texts`). The phases' variants differ only in how they generate and what they report:
+  `pass_at_1` (midtraining: the engine, per task and overall with a binomial standard error; with `temperature > 0`
+  and `n_samples > 1` the mean over samples, one engine call per sample), `evaluate_pass1` (SFT: the engine
+  stopping at any turn-structure token, `samples` copies of each prompt in one call), `evaluate_heldout` (RL: greedy
+  through `model.generate`, per problem) and `evaluate_heldout_sampled` (RL: the paper's sampled pass@1 per problem,
+  the same seeded draws for every checkpoint compared).
+- `evaluate_aggregation` runs one Markovian aggregation round with the project's RSA loop (k samples; k aggregation
+  calls over their k tails) against a single sample and a majority vote over the same k samples, with the paired
+  gain's standard error.
+- `paired_difference`: after - before on the same problems, with a standard error and a bootstrap interval.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["eval_loss", "loss_by_position", "pass_at_1"]
+from ..data.answers import score_math
+from ..data.tasks import Problem
+from ..data.tokenizer import encode_chat, stop_ids
+from ..ttc.backends import EngineBackend, generate_ids
+from ..ttc.engine import Engine
+from ..ttc.rsa import run_rsa
+
+__all__ = ["eval_loss", "loss_by_position", "score_texts", "pass_at_1", "evaluate_pass1", "evaluate_heldout",
+           "evaluate_heldout_sampled", "AggregationEval", "evaluate_aggregation", "paired_difference"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# loss
 
 
 @torch.no_grad()
@@ -73,27 +96,43 @@ def loss_by_position(model, tokens_NT1: torch.Tensor, n_buckets: int = 16, batch
     return {"bucket_start": edges[:-1], "bucket_end": edges[1:], "loss": loss, "per_position": per_pos}
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# pass@1
+
+
+def score_texts(texts: Sequence[str], problems: Sequence[Problem]) -> list[float]:
+    """The answer rule on each response: 1.0 where `score_math` finds the problem's answer in it, else 0.0."""
+    return [score_math(t, p.answer) for t, p in zip(texts, problems)]
+
+
+def _chat_prompts(tokenizer, problems: Sequence[Problem], copies: int = 1) -> list[list[int]]:
+    """The chat generation prompt of every problem, `copies` times each (problem-major)."""
+    return [encode_chat(tokenizer, p.question)[0] for p in problems for _ in range(copies)]
+
+
+def _sampled_scores(engine: Engine, tokenizer, problems: Sequence[Problem], max_new_tokens: int, k: int,
+                    temperature: float, seed: int, desc: str):
+    """`k` completions per problem (problem-major) in one engine call: (their scores, the engine's output)."""
+    out = engine.generate(_chat_prompts(tokenizer, problems, k), max_new_tokens, temperature=temperature, seed=seed,
+                          desc=desc)
+    return score_texts(out.texts, [p for p in problems for _ in range(k)]), out
+
+
 def pass_at_1(model, tokenizer, problems, max_new_tokens: int = 160, temperature: float = 0.0, n_samples: int = 1,
               seed: int = 0, batch_size: int = 64) -> dict:
     """pass@1 of `model` on `problems` (`zaya_lib.data.tasks.Problem`s), overall and per task (mean +- binomial s.e.).
 
     Each prompt is the chat generation prompt; a response is judged by `score_math` on its final boxed answer."""
-    from ..data.tokenizer import encode_chat
-    from ..rl.verifiers import score_math
-    from ..ttc.engine import Engine
-
     if not problems:
         raise ValueError("pass_at_1 needs at least one problem")
     if n_samples < 1 or (n_samples > 1 and temperature == 0.0):
         raise ValueError(f"n_samples={n_samples} needs temperature > 0 (greedy samples are identical)")
-    prompts = [encode_chat(tokenizer, p.question)[0] for p in problems]
     eng = Engine(model, tokenizer, batch_size=batch_size)
     scores = torch.zeros(len(problems), n_samples)
     texts = None
     for s in range(n_samples):
-        out = eng.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + s,
-                           desc="pass@1")
-        scores[:, s] = torch.tensor([score_math(t, p.answer) for t, p in zip(out.texts, problems)])
+        correct, out = _sampled_scores(eng, tokenizer, problems, max_new_tokens, 1, temperature, seed + s, "pass@1")
+        scores[:, s] = torch.tensor(correct)
         texts = texts or out.texts
     per_problem = scores.mean(1)
 
@@ -107,3 +146,96 @@ def pass_at_1(model, tokenizer, problems, max_new_tokens: int = 160, temperature
             "per_task": {t: summary([i for i, p in enumerate(problems) if p.task == t]) for t in tasks},
             "examples": [{"question": p.question, "answer": p.answer, "response": texts[i]}
                          for i, p in enumerate(problems[:3])]}
+
+
+def evaluate_pass1(model, tokenizer, problems: Sequence[Problem], max_new_tokens: int, temperature: float = 0.0,
+                   samples: int = 1, seed: int = 0, batch_size: int = 64) -> dict:
+    """pass@1 = mean accuracy of `samples` completions per problem (greedy when temperature is 0), per task too.
+    Generation stops at any turn-structure token (`stop_ids`)."""
+    engine = Engine(model, tokenizer, eos_token_id=stop_ids(tokenizer), batch_size=batch_size)
+    correct, out = _sampled_scores(engine, tokenizer, problems, max_new_tokens, samples, temperature, seed,
+                                   "eval pass@1")
+    rep = [p for p in problems for _ in range(samples)]
+    by_task: dict[str, list[float]] = {}
+    for p, c in zip(rep, correct):
+        by_task.setdefault(p.task, []).append(c)
+    return {"pass1": sum(correct) / max(len(correct), 1), "n": len(correct),
+            "per_task": {t: sum(v) / len(v) for t, v in by_task.items()},
+            "mean_tokens": sum(out.num_generated) / max(len(out.num_generated), 1)}
+
+
+def evaluate_heldout(model, tokenizer, problems: Sequence[Problem], max_new_tokens: int, batch_size: int = 64) -> list[float]:
+    """Greedy pass@1 per held-out problem (1.0/0.0) through `model.generate` (`zaya_lib.ttc.backends.generate_ids`),
+    judged by `score_math` on the text with its think delimiters kept."""
+    comps = generate_ids(model, tokenizer, _chat_prompts(tokenizer, problems), max_new_tokens, temperature=0.0,
+                         batch_size=batch_size)
+    return score_texts(tokenizer.batch_decode(comps, skip_special_tokens=False), problems)
+
+
+def evaluate_heldout_sampled(model, tokenizer, problems: Sequence[Problem], max_new_tokens: int, k: int = 4,
+                             temperature: float = 1.0, seed: int = 0, batch_size: int = 128) -> list[float]:
+    """Sampled pass@1 per held-out problem: the mean accuracy of `k` samples at `temperature` (the paper's "Pass@1",
+    the mean accuracy over a population of samples; spec §1), through the seeded generation engine, so the same seed
+    gives the same draws for every checkpoint compared."""
+    if k <= 0 or not temperature > 0:
+        raise ValueError(f"sampled pass@1 needs k > 0 and temperature > 0, got k={k}, temperature={temperature}")
+    engine = Engine(model, tokenizer, eos_token_id=tokenizer.convert_tokens_to_ids("<|end|>"), batch_size=batch_size)
+    scores, _ = _sampled_scores(engine, tokenizer, problems, max_new_tokens, k, temperature, seed, "held-out samples")
+    return [sum(scores[i * k:(i + 1) * k]) / k for i in range(len(problems))]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# one Markovian aggregation round
+
+
+@dataclass
+class AggregationEval:
+    single: float               # round 0: mean accuracy of the k independent samples (pass@1 at this temperature)
+    aggregated: float           # round 1: mean accuracy of k aggregation calls, each over all k tails of round 0
+    aggregated_majority: float  # round 1: majority vote over the k aggregated answers
+    majority: float             # round 0: majority vote over the k samples (self-consistency at equal samples)
+    pass_at_k: float            # round 0: any of the k samples right
+    gain: float                 # aggregated - single, paired per problem
+    gain_stderr: float          # its standard error over problems
+    n_problems: int
+    k: int
+    tau: int
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def evaluate_aggregation(model, tokenizer, problems: Sequence[Problem], k: int, tau: int, max_new_tokens: int,
+                         temperature: float = 0.8, seed: int = 0, batch_size: int = 64) -> AggregationEval:
+    """One Markovian aggregation round with the project's RSA loop (`zaya_lib.ttc.rsa.run_rsa`, N = K = k, T = 2):
+    k samples per problem, then k aggregation calls, each seeing the problem and the last `tau` tokens of all k
+    samples (the shared prompt builder). Compares the aggregated answers with a single sample and a majority vote."""
+    res = run_rsa(EngineBackend(model, tokenizer, batch_size=batch_size), tokenizer, problems, N=k, K=k, T=2,
+                  tau=tau, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    r0, r1 = res.rounds
+    diffs = [(b - a) / k for a, b in zip(res.member_correct[0], res.member_correct[1])]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else float("nan")
+    return AggregationEval(single=r0.mean_acc, aggregated=r1.mean_acc, aggregated_majority=r1.majority_acc,
+                           majority=r0.majority_acc, pass_at_k=r0.pass_at_n, gain=mean, gain_stderr=se,
+                           n_problems=n, k=k, tau=tau)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# comparing checkpoints
+
+
+def paired_difference(before: Sequence[float], after: Sequence[float], n_boot: int = 2000, seed: int = 0) -> dict:
+    """after - before on the same problems: mean, standard error of the paired difference, and a percentile
+    bootstrap 95% interval (resampling problems)."""
+    if len(before) != len(after) or not before:
+        raise ValueError(f"paired_difference: need two equal, non-empty lists, got {len(before)} and {len(after)}")
+    d = torch.tensor(after, dtype=torch.float64) - torch.tensor(before, dtype=torch.float64)
+    n = d.numel()
+    se = float(d.std(unbiased=True) / n ** 0.5) if n > 1 else float("nan")
+    g = torch.Generator().manual_seed(seed)
+    boots = d[torch.randint(0, n, (n_boot, n), generator=g)].mean(1)
+    lo, hi = torch.quantile(boots, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {"before": sum(before) / n, "after": sum(after) / n, "diff": float(d.mean()), "se": se,
+            "ci95": [lo, hi], "n": n}

@@ -22,11 +22,10 @@ Notable features:
   current checkpoint with the generation engine; an on-policy correct candidate becomes the target when there is one).
 - Validation before any work (`check_sft_params`): a window the context-parallel world size does not divide, or C
   tails of tau tokens plus the prompt wording that do not fit the window, fail at once naming the parameter.
-- Evaluation: greedy pass@1 on held-out reasoning problems, and one Markovian aggregation round through the project's
-  RSA loop (k samples; k aggregation calls over their k tails) against a single sample and a majority vote over the
-  same k samples, with the paired gain's standard error.
-- Checkpoints are Hugging Face folders (config.json with the new `rope_theta`, safetensors, tokenizer), written to a
-  temp folder and renamed into place.
+- Evaluation (pass@1, one Markovian aggregation round) lives with the other held-out evaluations in
+  `zaya_lib.train.evaluate`.
+- Checkpoints are Hugging Face folders (config.json with the new `rope_theta`, safetensors, tokenizer), written and
+  read by `zaya_lib.model.checkpoint` (atomic: temp folder renamed into place).
 
 Shapes: N windows, W window (= seq_len), V vocabulary.
 """
@@ -36,7 +35,6 @@ import json
 import os
 import random
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -44,17 +42,18 @@ import torch
 
 from ..data.aggregation import (expert_aggregation_examples, fixed_overhead, mix_sft_with_aggregation,
                                 self_aggregation_examples)
+from ..data.answers import score_math
 from ..data.packing import SFTPacked, pack_sft
 from ..data.tasks import Problem
-from ..data.tokenizer import encode_chat
-from ..data.trimming import TrimStats, chat_ids, encode_turns, split_thinking, trim
+from ..data.tokenizer import stop_ids
+from ..data.trimming import TrimStats, encode_turns, split_thinking, trim
+from ..model.checkpoint import checkpoint_tokenizer, load_hf_checkpoint, save_hf_checkpoint
 from .context_parallel import check_divisible
-from .trainer import TrainData, save_hf_checkpoint
+from .trainer import TrainData
 
 __all__ = ["SFT_CATEGORIES", "check_sft_params", "encode_sft_chat", "trimmed_chat_samples", "aggregation_samples",
-           "problem_pool", "build_sft_mix", "pack_sft_data", "sft_labels", "stop_ids", "engine_sampler",
-           "save_hf_checkpoint", "load_hf_checkpoint", "checkpoint_tokenizer", "plain_sft_chats", "train_noagg_variant",
-           "evaluate_pass1", "evaluate_aggregation", "AggregationEval"]
+           "problem_pool", "build_sft_mix", "pack_sft_data", "sft_labels", "engine_sampler", "run_sft",
+           "plain_sft_chats", "train_noagg_variant"]
 
 SFT_CATEGORIES = ("reasoning", "instruct", "aggregation")
 Sample = tuple[list[int], list[int]]
@@ -121,13 +120,6 @@ def trimmed_chat_samples(tokenizer: Any, chats: Sequence[Sequence[dict]],
     return out, stats
 
 
-def stop_ids(tokenizer) -> list[int]:
-    """Token ids that end a completion: `<|end|>` (the turn's end) and any other turn-structure token a weak model may
-    emit instead (`<eos>`, `<bos>`, role markers); tails must never contain them (`aggregation._validate`)."""
-    ids = chat_ids(tokenizer)
-    return [ids.end, ids.eos, ids.bos, ids.user, ids.system, ids.assistant]
-
-
 def engine_sampler(model, tokenizer, max_new_tokens: int, temperature: float, top_p: float = 1.0, seed: int = 0,
                    batch_size: int = 64) -> Callable[[list[list[int]]], list[list[int]]]:
     """`sample_fn(prompts) -> completions` for self-aggregation, backed by the batched generation engine."""
@@ -146,8 +138,6 @@ def aggregation_samples(tokenizer: Any, expert_problems: Sequence[Problem], self
                         tau: int, budget: int, rng: random.Random, p_correct: float = 0.5,
                         sample_fn: Callable | None = None) -> tuple[list[Sample], dict]:
     """Expert- and self-aggregation SFT examples (AP-trimmed to `budget`); returns (samples, counts)."""
-    from ..rl.verifiers import score_math
-
     stats_e: dict = {}
     stats_s: dict = {}
     out = expert_aggregation_examples(expert_problems, C, tau, tokenizer, rng, p_correct=p_correct, max_len=budget,
@@ -246,38 +236,7 @@ def sft_labels(tokens_NT1: torch.Tensor, loss_mask_NT1: torch.Tensor) -> torch.T
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# checkpoints
-
-
-def load_hf_checkpoint(path: str | os.PathLike, device="cpu"):
-    """(model, tokenizer) from a phase checkpoint folder; the tokenizer from the same folder, else
-    `<run_dir>/tokenizer`. The one reader of the phases' checkpoints (`save_hf_checkpoint` writes them)."""
-    from transformers.utils import logging as hf_logging
-
-    from ..model import ZayaForCausalLM
-    from ..utils import progress_enabled
-
-    if not progress_enabled():
-        hf_logging.disable_progress_bar()
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no Hugging Face checkpoint at {str(path)!r} (config.json missing); run the earlier "
-                                "phase's notebook first")
-    model = ZayaForCausalLM.from_pretrained(path).to(device)
-    for r in model.routers():  # routing statistics are not weights: from_pretrained may leave them on the meta device
-        if getattr(r, "load_counts", None) is not None and r.load_counts.is_meta:
-            r.load_counts = torch.zeros(r.K, device=device)
-            r.prob_sum = torch.zeros(r.K, device=device)
-            r.entropy_sum = torch.zeros((), device=device)
-    return model, checkpoint_tokenizer(path)
-
-
-def checkpoint_tokenizer(path: str | os.PathLike):
-    """The tokenizer of a phase checkpoint folder (its own copy, else `<run_dir>/tokenizer`), without the weights."""
-    from ..data.tokenizer import load_tokenizer
-
-    path = Path(path)
-    return load_tokenizer(path if (path / "tokenizer.json").is_file() else path.parent.parent / "tokenizer")
+# the SFT phase and its no-aggregation control
 
 
 def run_sft(init_dir: str | os.PathLike, train_data: TrainData, out_dir: str | os.PathLike, rope_theta: float,
@@ -341,70 +300,3 @@ def train_noagg_variant(run_dir: str | os.PathLike, sft_params: dict, device="cp
     model, hist, wall = run_sft(run / "checkpoints" / p["sft_init_phase"], data, run / "checkpoints" / out_name,
                                 p["sft_rope_theta"], cfg, run / "metrics" / f"05_{out_name}_train.jsonl")
     return model, hist, wall, len(packed)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# evaluation
-
-
-def _score(texts: Sequence[str], problems: Sequence[Problem]) -> list[float]:
-    from ..rl.verifiers import score_math
-
-    return [score_math(t, p.answer) for t, p in zip(texts, problems)]
-
-
-def evaluate_pass1(model, tokenizer, problems: Sequence[Problem], max_new_tokens: int, temperature: float = 0.0,
-                   samples: int = 1, seed: int = 0, batch_size: int = 64) -> dict:
-    """pass@1 = mean accuracy of `samples` completions per problem (greedy when temperature is 0), per task too."""
-    from ..ttc.engine import Engine
-
-    prompts = [encode_chat(tokenizer, p.question)[0] for p in problems for _ in range(samples)]
-    engine = Engine(model, tokenizer, eos_token_id=stop_ids(tokenizer), batch_size=batch_size)
-    out = engine.generate(prompts, max_new_tokens, temperature=temperature, seed=seed, desc="eval pass@1")
-    rep = [p for p in problems for _ in range(samples)]
-    correct = _score(out.texts, rep)
-    by_task: dict[str, list[float]] = {}
-    for p, c in zip(rep, correct):
-        by_task.setdefault(p.task, []).append(c)
-    return {"pass1": sum(correct) / max(len(correct), 1), "n": len(correct),
-            "per_task": {t: sum(v) / len(v) for t, v in by_task.items()},
-            "mean_tokens": sum(out.num_generated) / max(len(out.num_generated), 1)}
-
-
-@dataclass
-class AggregationEval:
-    single: float               # round 0: mean accuracy of the k independent samples (pass@1 at this temperature)
-    aggregated: float           # round 1: mean accuracy of k aggregation calls, each over all k tails of round 0
-    aggregated_majority: float  # round 1: majority vote over the k aggregated answers
-    majority: float             # round 0: majority vote over the k samples (self-consistency at equal samples)
-    pass_at_k: float            # round 0: any of the k samples right
-    gain: float                 # aggregated - single, paired per problem
-    gain_stderr: float          # its standard error over problems
-    n_problems: int
-    k: int
-    tau: int
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-def evaluate_aggregation(model, tokenizer, problems: Sequence[Problem], k: int, tau: int, max_new_tokens: int,
-                         temperature: float = 0.8, seed: int = 0, batch_size: int = 64) -> AggregationEval:
-    """One Markovian aggregation round with the project's RSA loop (`zaya_lib.ttc.rsa.run_rsa`, N = K = k, T = 2):
-    k samples per problem, then k aggregation calls, each seeing the problem and the last `tau` tokens of all k
-    samples (the shared prompt builder). Compares the aggregated answers with a single sample and a majority vote."""
-    import math
-
-    from ..ttc.backends import EngineBackend
-    from ..ttc.rsa import run_rsa
-
-    res = run_rsa(EngineBackend(model, tokenizer, batch_size=batch_size), tokenizer, problems, N=k, K=k, T=2,
-                  tau=tau, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-    r0, r1 = res.rounds
-    diffs = [(b - a) / k for a, b in zip(res.member_correct[0], res.member_correct[1])]
-    n = len(diffs)
-    mean = sum(diffs) / n
-    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else float("nan")
-    return AggregationEval(single=r0.mean_acc, aggregated=r1.mean_acc, aggregated_majority=r1.majority_acc,
-                           majority=r0.majority_acc, pass_at_k=r0.pass_at_n, gain=mean, gain_stderr=se,
-                           n_problems=n, k=k, tau=tau)

@@ -43,7 +43,7 @@ from ..utils import atomic_write_text, progress
 from . import distributed as dist_utils
 from .optim import Optimizers, build_optimizers, wsd_lr
 
-__all__ = ["TrainData", "TrainConfig", "train", "encode_for_training", "build_train_data", "batch_indices", "latest_checkpoint", "load_checkpoint", "check_context_budget", "check_phase_params", "save_hf_checkpoint",
+__all__ = ["TrainData", "TrainConfig", "train", "encode_for_training", "build_train_data", "batch_indices", "latest_checkpoint", "load_checkpoint", "check_context_budget", "check_phase_params",
            "pick_threads"]
 
 
@@ -108,8 +108,8 @@ def encode_for_training(tokenizer, row: dict, budget: int):
     Chats (`messages` non-empty) are AP-trimmed to `budget - 1` tokens (`zaya_lib.data.trimming`: the tail of the last
     thinking block goes first, the answer is kept whole) and closed with `<eos>`; prose and code are `<bos>text<eos>`
     documents, which packing may cut across windows like any pretraining stream. Returns (ids, trim status)."""
-    from ..data.tokenizer import encode_document
-    from ..data.trimming import chat_ids, encode_turns, split_thinking, trim
+    from ..data.tokenizer import chat_ids, encode_document
+    from ..data.trimming import encode_turns, split_thinking, trim
 
     if not row.get("messages"):
         return encode_document(tokenizer, row["text"]), "document"
@@ -302,33 +302,6 @@ def _save_checkpoint(ckpt_dir: Path, step: int, state: dict, keep: int) -> Path:
     for old in sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir())[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def save_hf_checkpoint(model, tokenizer, path: str | os.PathLike, extra_files: dict[str, str] | None = None) -> Path:
-    """`save_pretrained` of the model (config.json + safetensors, transformers' ZAYA layout), the tokenizer and any
-    `extra_files` ({name: text}) into `path`, atomically: written in a hidden temp dir next to it, then swapped in by
-    rename, so a reader sees the old checkpoint or the new one, never a partial one. The one writer of every phase's
-    checkpoint (pretraining, midtraining, SFT, RL)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
-    try:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".old-{path.name}-", dir=path.parent))
-            os.replace(path, old / "x")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:

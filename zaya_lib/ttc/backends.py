@@ -9,7 +9,9 @@ stop token; `finish_reason` is "stop" (EOS) or "length"; `num_generated` counts 
 
 Notable features:
 - `EngineBackend`: our batched engine (`zaya_lib.ttc.engine`) on our model.
-- `TransformersBackend`: any transformers causal LM through `model.generate` (left padding, seeded sampling).
+- `TransformersBackend`: any transformers causal LM through `model.generate` (left padding, seeded sampling);
+  `generate_ids` is the same path as a plain function on our chat format (stops at `<|end|>`, drops padding), which
+  RL uses for its held-out evaluation and its aggregation tails.
 - `HTTPBackend`: an OpenAI-compatible `/v1/completions` client (vLLM / SGLang at scale; `zaya_lib.ttc.server`
   here) using only the standard library; sends token-id prompts as lists of ints, asks for completion token ids
   (`return_token_ids`, vLLM's field) and falls back to tokenising the returned text; bounded timeouts and a
@@ -27,7 +29,8 @@ import torch
 
 from zaya_lib.ttc.engine import Engine
 
-__all__ = ["Completion", "Backend", "BackendError", "EngineBackend", "TransformersBackend", "HTTPBackend"]
+__all__ = ["Completion", "Backend", "BackendError", "EngineBackend", "TransformersBackend", "HTTPBackend", "left_pad",
+           "generate_ids"]
 
 Prompts = Sequence[Sequence[int]] | Sequence[str]
 
@@ -92,13 +95,8 @@ class TransformersBackend(Backend):
         out: list[Completion] = []
         try:
             for s in range(0, len(ids), self.batch_size):
-                chunk = ids[s:s + self.batch_size]
-                P = max(map(len, chunk))
-                x = torch.full((len(chunk), P), self.pad_id, dtype=torch.long)
-                am = torch.zeros_like(x)
-                for r, p in enumerate(chunk):  # left padding
-                    x[r, P - len(p):] = torch.tensor(p)
-                    am[r, P - len(p):] = 1
+                x, am = left_pad(ids[s:s + self.batch_size], self.pad_id)
+                P = x.shape[1]
                 kw = dict(do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=0) \
                     if temperature > 0 else dict(do_sample=False)
                 seq = self.model.generate(input_ids=x.to(dev), attention_mask=am.to(dev), max_new_tokens=max_new_tokens,
@@ -111,6 +109,45 @@ class TransformersBackend(Backend):
         finally:
             torch.random.set_rng_state(rng_state)
         return out
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id prompts as one left-padded batch: (ids [B, P], attention mask [B, P]), P the longest prompt."""
+    P = max(map(len, prompts))
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, P - len(p):] = torch.tensor(p)
+        mask[r, P - len(p):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate_ids(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                 batch_size: int = 64, seed: int = 0) -> list[list[int]]:
+    """Completion ids (up to and excluding `<|end|>`) for token-id prompts, left-padded batches through
+    `model.generate` (our ZayaCache). temperature 0 = greedy; sampling seeds the global RNG once per batch from a
+    generator seeded with `seed` (`model.generate` samples from it)."""
+    was_training = model.training
+    model.eval()
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    pad = tokenizer.pad_token_id
+    dev = next(model.parameters()).device
+    out: list[list[int]] = []
+    gen = torch.Generator().manual_seed(seed)
+    for s in range(0, len(prompts), batch_size):
+        ids, mask = left_pad(prompts[s:s + batch_size], pad)
+        T = ids.shape[1]
+        torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))  # generate samples from the global RNG
+        kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+        o = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
+                           eos_token_id=end, pad_token_id=pad, **kw)
+        for row in o[:, T:].tolist():
+            cut = row.index(end) if end in row else len(row)
+            out.append([t for t in row[:cut] if t != pad])
+    if was_training:
+        model.train()
+    return out
 
 
 class HTTPBackend(Backend):

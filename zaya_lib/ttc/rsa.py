@@ -17,7 +17,7 @@ Notable features:
 - Per round: mean accuracy over the population, pass@N, majority-vote accuracy, cumulative tokens generated (the stop
   token counts), the longest prompt and the longest context (prompt + completion) any call saw.
 - Traces are what a member wrote before `<|end|>`, minus any turn-structure token it emitted by mistake.
-- Answers are extracted and judged by `zaya_lib.rl.verifiers` (the project's one answer rule).
+- Answers are extracted and judged by `zaya_lib.data.answers` (the project's one answer rule).
 - Fails clearly: K > N, N/K/T/tau/budget not positive, an empty problem -> ValueError before any generation; a
   backend failing mid-run -> `RSAError` whose `.partial` holds every finished round; with `out_path`, the result is
   rewritten atomically after each round, so a crash keeps the finished rounds on disk too.
@@ -33,9 +33,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from zaya_lib.data.aggregation import build_aggregation_prompt_ids, completion_trace, fixed_overhead, tail
-from zaya_lib.data.tokenizer import encode_chat
-from zaya_lib.data.trimming import chat_ids, encode_text
-from zaya_lib.rl.verifiers import extract_answer, math_equal
+from zaya_lib.data.answers import extract_answer, math_equal
+from zaya_lib.data.tokenizer import chat_ids, encode_chat, encode_text
 from zaya_lib.ttc.backends import Backend, Completion
 from zaya_lib.utils import atomic_write_json
 
@@ -44,7 +43,7 @@ __all__ = ["RoundStats", "RSAResult", "RSAError", "run_rsa", "majority_answer", 
 
 
 def judge_answer(answer: str | None, gold: Any) -> bool:
-    """Default judge: the verifiers' math equality on the extracted answer."""
+    """Default judge: the answer rule's math equality on the extracted answer."""
     return math_equal(answer, gold)
 
 
