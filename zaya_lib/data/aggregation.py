@@ -178,6 +178,13 @@ def _record(stats: dict | None, key: str, n: int = 1) -> None:
         stats[key] = stats.get(key, 0) + n
 
 
+def _keep(out: list[Sample], example: Sample | None, stats: dict | None) -> None:
+    """Append an example that fits (counted in `examples`); one that did not fit `max_len` is counted in `dropped`."""
+    _record(stats, "dropped" if example is None else "examples")
+    if example is not None:
+        out.append(example)
+
+
 def expert_aggregation_examples(problems: Sequence[Problem], C: int, tau: int, tokenizer: Any, rng: random.Random,
                                 p_correct: float = 0.5, max_len: int | None = None,
                                 stats: dict | None = None) -> list[Sample]:
@@ -202,11 +209,7 @@ def expert_aggregation_examples(problems: Sequence[Problem], C: int, tau: int, t
         ex = aggregation_sft_example(tokenizer, p.question, tails, p.response(), tau=tau, max_len=max_len)
         _record(stats, "candidates", C)
         _record(stats, "correct_candidates", n_ok)
-        if ex is None:
-            _record(stats, "dropped")
-            continue
-        _record(stats, "examples")
-        out.append(ex)
+        _keep(out, ex, stats)
     return out
 
 
@@ -241,13 +244,8 @@ def self_aggregation_examples(problems: Sequence[Problem], C: int, tau: int, tok
             if good:
                 target = rng.choice(good)
                 _record(stats, "sampled_targets")
-        ex = aggregation_sft_example(tokenizer, p.question, [tail(t, tau) for t in traces], target,
-                                     tau=tau, max_len=max_len)
-        if ex is None:
-            _record(stats, "dropped")
-            continue
-        _record(stats, "examples")
-        out.append(ex)
+        _keep(out, aggregation_sft_example(tokenizer, p.question, [tail(t, tau) for t in traces], target,
+                                           tau=tau, max_len=max_len), stats)
     return out
 
 

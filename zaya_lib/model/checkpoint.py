@@ -56,6 +56,11 @@ _MOE_MAP = {  # original MoE half-layer name -> ours
     "zaya_block.router.router_mlp.2.bias": "mlp.gate.router_mlp.fc2.bias",
     "zaya_block.router.router_mlp.4.weight": "mlp.gate.router_mlp.out_proj.weight",
 }
+_TOP_MAP = {  # original name outside the half-layers -> ours
+    "model.embed_tokens.weight": "model.embed_tokens.weight",
+    "lm_head.weight": "lm_head.weight",
+    "model.final_norm.weight": "model.norm.weight",
+}
 _EXPERT_RE = re.compile(r"zaya_block\.experts\.local_experts\.(\d+)\.linear_fc([12])\.weight")
 
 
@@ -69,11 +74,8 @@ def convert_original_to_hf(sd: dict[str, torch.Tensor], num_layers: int) -> dict
     experts: dict[int, dict[tuple[int, str], torch.Tensor]] = {}
     unknown = []
     for key, t in sd.items():
-        if key == "model.embed_tokens.weight" or key == "lm_head.weight":
-            out[key] = t
-            continue
-        if key == "model.final_norm.weight":
-            out["model.norm.weight"] = t
+        if key in _TOP_MAP:
+            out[_TOP_MAP[key]] = t
             continue
         m = re.fullmatch(r"model\.res_scale\.(\w+)", key)
         if m and m.group(1) in _RES:  # the final merge after the last MoE half-layer
@@ -123,12 +125,10 @@ def convert_hf_to_original(sd: dict[str, torch.Tensor], num_layers: int) -> dict
     out: dict[str, torch.Tensor] = {}
     inv_attn = {v: k for k, v in _ATTN_MAP.items()}
     inv_moe = {v: k for k, v in _MOE_MAP.items()}
+    inv_top = {v: k for k, v in _TOP_MAP.items()}
     for key, t in sd.items():
-        if key in ("model.embed_tokens.weight", "lm_head.weight"):
-            out[key] = t
-            continue
-        if key == "model.norm.weight":
-            out["model.final_norm.weight"] = t
+        if key in inv_top:
+            out[inv_top[key]] = t
             continue
         m = re.fullmatch(r"model\.input_(hidden_states_\w+)", key)
         if m:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import random
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from fractions import Fraction
 from typing import Any, Callable, Sequence
 
@@ -80,86 +80,69 @@ def _has_word(text: str, word: str) -> bool:
 
 
 class Constraint:
-    """A verifiable format constraint. Subclasses are dataclasses with a class-level `kind`."""
+    """A verifiable format constraint. Subclasses are frozen dataclasses that name their `kind` and a `template` in the
+    class statement: the description shown in prompts, formatted with the fields (a tuple of words as a quoted,
+    comma-separated list; lists given for tuple fields are stored as tuples)."""
 
     kind: str = ""
+    template: str = ""
+
+    def __init_subclass__(cls, kind: str = "", template: str = "", **kw):
+        super().__init_subclass__(**kw)
+        cls.kind, cls.template = kind, template
+
+    def __post_init__(self):
+        for f in fields(self):
+            if isinstance(getattr(self, f.name), list):
+                object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
 
     def check(self, text: str) -> bool:
         raise NotImplementedError
 
     @property
     def description(self) -> str:
-        raise NotImplementedError
+        return self.template.format(**{k: ", ".join(f'"{w}"' for w in v) if isinstance(v, tuple) else v
+                                       for k, v in asdict(self).items()})
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, **asdict(self)}
 
 
 @dataclass(frozen=True)
-class MaxWords(Constraint):
+class MaxWords(Constraint, kind="max_words", template="Answer in at most {n} words."):
     n: int
-    kind = "max_words"
 
     def check(self, text: str) -> bool:
         return 0 < len(_words(text)) <= self.n
 
-    @property
-    def description(self) -> str:
-        return f"Answer in at most {self.n} words."
-
 
 @dataclass(frozen=True)
-class MinWords(Constraint):
+class MinWords(Constraint, kind="min_words", template="Answer in at least {n} words."):
     n: int
-    kind = "min_words"
 
     def check(self, text: str) -> bool:
         return len(_words(text)) >= self.n
 
-    @property
-    def description(self) -> str:
-        return f"Answer in at least {self.n} words."
-
 
 @dataclass(frozen=True)
-class IncludeWords(Constraint):
+class IncludeWords(Constraint, kind="include_words", template="Use each of these words: {words}."):
     words: tuple[str, ...]
-    kind = "include_words"
-
-    def __post_init__(self):
-        object.__setattr__(self, "words", tuple(self.words))
 
     def check(self, text: str) -> bool:
         return all(_has_word(text, w) for w in self.words)
 
-    @property
-    def description(self) -> str:
-        return "Use each of these words: " + ", ".join(f'"{w}"' for w in self.words) + "."
-
 
 @dataclass(frozen=True)
-class ForbidWords(Constraint):
+class ForbidWords(Constraint, kind="forbid_words", template="Do not use these words: {words}."):
     words: tuple[str, ...]
-    kind = "forbid_words"
-
-    def __post_init__(self):
-        object.__setattr__(self, "words", tuple(self.words))
 
     def check(self, text: str) -> bool:
         return bool(text.strip()) and not any(_has_word(text, w) for w in self.words)
 
-    @property
-    def description(self) -> str:
-        return "Do not use these words: " + ", ".join(f'"{w}"' for w in self.words) + "."
-
 
 @dataclass(frozen=True)
-class JsonOutput(Constraint):
+class JsonOutput(Constraint, kind="json", template="Reply with a JSON object only, with the keys {keys}."):
     keys: tuple[str, ...] = ()
-    kind = "json"
-
-    def __post_init__(self):
-        object.__setattr__(self, "keys", tuple(self.keys))
 
     def check(self, text: str) -> bool:
         s = text.strip()
@@ -176,72 +159,45 @@ class JsonOutput(Constraint):
 
     @property
     def description(self) -> str:
-        if self.keys:
-            return "Reply with a JSON object only, with the keys " + ", ".join(f'"{k}"' for k in self.keys) + "."
-        return "Reply with valid JSON only."
+        return super().description if self.keys else "Reply with valid JSON only."
 
 
 @dataclass(frozen=True)
-class BulletCount(Constraint):
+class BulletCount(Constraint, kind="bullets",
+                  template='Use exactly {n} bullet points, each on its own line starting with "- ".'):
     n: int
-    kind = "bullets"
 
     def check(self, text: str) -> bool:
         return sum(bool(re.match(r"^\s*[-*•]\s+\S", line)) for line in text.splitlines()) == self.n
 
-    @property
-    def description(self) -> str:
-        return f"Use exactly {self.n} bullet points, each on its own line starting with \"- \"."
-
 
 @dataclass(frozen=True)
-class EndsWith(Constraint):
+class EndsWith(Constraint, kind="ends_with", template='End your answer with the exact phrase "{phrase}".'):
     phrase: str
-    kind = "ends_with"
 
     def check(self, text: str) -> bool:
         return text.rstrip().endswith(self.phrase)
 
-    @property
-    def description(self) -> str:
-        return f'End your answer with the exact phrase "{self.phrase}".'
-
 
 @dataclass(frozen=True)
-class StartsWith(Constraint):
+class StartsWith(Constraint, kind="starts_with", template='Start your answer with the exact phrase "{phrase}".'):
     phrase: str
-    kind = "starts_with"
 
     def check(self, text: str) -> bool:
         return text.lstrip().startswith(self.phrase)
 
-    @property
-    def description(self) -> str:
-        return f'Start your answer with the exact phrase "{self.phrase}".'
-
 
 @dataclass(frozen=True)
-class AllLowercase(Constraint):
-    kind = "lowercase"
-
+class AllLowercase(Constraint, kind="lowercase",
+                   template="Write everything in lowercase letters; no capital letters at all."):
     def check(self, text: str) -> bool:
         return any(c.isalpha() for c in text) and text == text.lower()
 
-    @property
-    def description(self) -> str:
-        return "Write everything in lowercase letters; no capital letters at all."
-
 
 @dataclass(frozen=True)
-class NoCommas(Constraint):
-    kind = "no_commas"
-
+class NoCommas(Constraint, kind="no_commas", template="Do not use any commas."):
     def check(self, text: str) -> bool:
         return bool(text.strip()) and "," not in text
-
-    @property
-    def description(self) -> str:
-        return "Do not use any commas."
 
 
 CONSTRAINT_TYPES: dict[str, type[Constraint]] = {c.kind: c for c in (
