@@ -21,8 +21,8 @@ if not torch.cuda.is_available():
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HALF = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])  # bf16 dots are broken in the interpreter
 
-_fuzz_alphabet = st.sampled_from(list("{}\\$<>/ab01 .,=") + ["\\boxed{", "</think>", "<think>", "<answer>",
-                                                                  "</answer>", "<|end|>", "\\frac", "```python\n", "```"])
+_fuzz_alphabet = st.sampled_from(list("{}\\$<>/ab01 .,=") + ["\\boxed{", "</think>", "<think>", "<answer>", "</answer>",
+                                                         "<|end|>", "\\frac", "```python\n", "```"])
 FUZZ_TEXT = st.one_of(st.text(max_size=300), st.lists(_fuzz_alphabet, max_size=60).map("".join))
 
 

@@ -44,7 +44,8 @@ def import_edges(root: Path, package: str) -> list[tuple[str, str, int]]:
                     base_name = ".".join(base + ([node.module] if node.module else []))
                 else:
                     base_name = node.module or ""
-                targets = [f"{base_name}.{a.name}" if f"{base_name}.{a.name}" in mods else base_name for a in node.names]
+                targets = [f"{base_name}.{a.name}" if f"{base_name}.{a.name}" in mods else base_name
+                           for a in node.names]
             else:
                 continue
             for t in targets:

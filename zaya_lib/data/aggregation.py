@@ -13,7 +13,8 @@ Notable features:
   construction, whatever the round. `build_aggregation_prompt_text` renders the same pieces as a string (for
   display or text-only backends; the ids are authoritative, since re-tokenising decoded text can merge differently).
 - Our own wording (the RSA template's structure: instruction, problem, numbered candidates, closing line), with the
-  answer format `\\boxed{}` that our verifiers read; candidates are called "endings" because they are tails.
+  answer format `\\boxed{}` that the answer rule reads (`zaya_lib.data.answers`); candidates are called "endings"
+  because they are tails.
 - Tails are cut from the completion trace (everything the model wrote before `<|end|>`), so they may carry `<think>`
   / `</think>` but never a turn marker; the builder rejects turn-structure tokens inside a tail.
 - Example builders return SFT samples `(ids, loss_mask)` with loss on the target response and its closing `<|end|>`

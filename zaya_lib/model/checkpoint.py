@@ -25,8 +25,9 @@ import torch
 from ..utils import atomic_dir
 
 __all__ = [
-    "save_hf_checkpoint", "load_hf_checkpoint", "checkpoint_tokenizer", "convert_original_to_hf", "convert_hf_to_original", "load_state_dict_checked", "load_checkpoint",
-    "read_safetensors_dir", "is_original_layout", "to_hf_reference", "hf_reference_config",
+    "save_hf_checkpoint", "load_hf_checkpoint", "checkpoint_tokenizer", "convert_original_to_hf",
+    "convert_hf_to_original", "load_state_dict_checked", "load_checkpoint", "read_safetensors_dir",
+    "is_original_layout", "to_hf_reference", "hf_reference_config",
 ]
 
 _RES = ("hidden_states_scale", "hidden_states_bias", "residual_scale", "residual_bias")

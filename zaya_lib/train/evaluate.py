@@ -164,7 +164,8 @@ def evaluate_pass1(model, tokenizer, problems: Sequence[Problem], max_new_tokens
             "mean_tokens": sum(out.num_generated) / max(len(out.num_generated), 1)}
 
 
-def evaluate_heldout(model, tokenizer, problems: Sequence[Problem], max_new_tokens: int, batch_size: int = 64) -> list[float]:
+def evaluate_heldout(model, tokenizer, problems: Sequence[Problem], max_new_tokens: int,
+                     batch_size: int = 64) -> list[float]:
     """Greedy pass@1 per held-out problem (1.0/0.0) through `model.generate` (`zaya_lib.ttc.backends.generate_ids`),
     judged by `score_math` on the text with its think delimiters kept."""
     comps = generate_ids(model, tokenizer, _chat_prompts(tokenizer, problems), max_new_tokens, temperature=0.0,

@@ -43,8 +43,8 @@ from ..utils import atomic_write_text, progress
 from . import distributed as dist_utils
 from .optim import Optimizers, build_optimizers, wsd_lr
 
-__all__ = ["TrainData", "TrainConfig", "train", "encode_for_training", "build_train_data", "batch_indices", "latest_checkpoint", "load_checkpoint", "check_context_budget", "check_phase_params",
-           "pick_threads"]
+__all__ = ["TrainData", "TrainConfig", "train", "encode_for_training", "build_train_data", "batch_indices",
+           "latest_checkpoint", "load_checkpoint", "check_context_budget", "check_phase_params", "pick_threads"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -139,7 +139,8 @@ def generate_ids(model, tokenizer, prompts: list[list[int]], max_new_tokens: int
         ids, mask = left_pad(prompts[s:s + batch_size], pad)
         T = ids.shape[1]
         torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))  # generate samples from the global RNG
-        kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+        kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
+            dict(do_sample=False)
         o = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
                            eos_token_id=end, pad_token_id=pad, **kw)
         for row in o[:, T:].tolist():
