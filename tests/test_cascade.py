@@ -14,6 +14,7 @@ from zaya_lib.data.tasks import make_problems
 from zaya_lib.model import ZayaForCausalLM
 from zaya_lib.rl import cascade as C
 from zaya_lib.rl.muon import muon_adamw
+from zaya_lib.rl.sandbox import isolation_mode
 from zaya_lib.train.optim import newton_schulz_batched, split_params
 
 from _helpers import problem_tokenizer, tiny_model
@@ -56,6 +57,27 @@ def test_one_grpo_step_of_each_stage(tok, index):
         assert res["aggregation_prompts"] >= 1
     if gym is not None:  # the adaptive gym's reward recorded every completion for its controllers
         assert gym.n_recorded == stage.batch_size
+    runs_code = "code" in stage.rewards  # the stage records how its model-written code was contained
+    assert res["sandbox_isolation"] == (isolation_mode() if runs_code else None)
+    if runs_code:
+        assert res["sandbox_isolation"] in ("namespaces+uid", "userns")
+
+
+def test_code_stage_refuses_before_it_starts_without_a_sandbox(tok, monkeypatch):
+    """No namespace and no opt-in: a stage with code rewards fails at once, saying why, before any data or step."""
+    import os
+
+    from zaya_lib.rl import sandbox
+
+    monkeypatch.setitem(sandbox._PROBE, os.geteuid(), (None, "userns: unshare(...): Operation not permitted"))
+    monkeypatch.delenv(sandbox.ALLOW_WEAK_ENV, raising=False)
+    stage = _tiny(STAGES[2])
+    built = []
+    monkeypatch.setattr(C, "build_stage_dataset", lambda *a, **k: built.append(1))
+    with pytest.raises(sandbox.SandboxUnavailable, match=f"RL stage 'math_code_ttc' runs model-written code.*"
+                       f"{sandbox.ALLOW_WEAK_ENV}=1"):
+        C.run_stage(_model(tok), tok, stage, seed=0)
+    assert not built
 
 
 def test_behavioural_step_changes_weights_full_and_lora(tok):

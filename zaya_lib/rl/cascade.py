@@ -528,11 +528,18 @@ def _wrap_lora(model, stage: RLStage):
 def run_stage(model, tokenizer, stage: RLStage, gym: Gym | None = None, seed: int = 0, work_dir: str | None = None,
               device: str = "cpu", dataset: StageDataset | None = None, **config_overrides) -> dict:
     """Run one stage with TRL's GRPOTrainer on `model` (updated in place; LoRA adapters merged back). Returns
-    {"log": TRL's log history, "routing": per-step routing records, "seconds", "trainable_params", ...}."""
+    {"log": TRL's log history, "routing": per-step routing records, "seconds", "trainable_params", ...,
+    "sandbox_isolation": the code sandbox's isolation mode when the stage runs model-written code, else None}.
+    Such a stage fails before it starts where the sandbox would refuse (no namespaces and no opt-in)."""
     from transformers.utils import logging as hf_logging
     from trl import GRPOTrainer
 
     validate_stages([stage])
+    sandbox_isolation = None  # how model-written code is contained (zaya_lib.rl.sandbox), for stages that run it
+    if "code" in stage.rewards or any(source_kind(s) == "code" for s in stage.sources):
+        from zaya_lib.rl.sandbox import require_isolation
+
+        sandbox_isolation = require_isolation(what=f"RL stage {stage.name!r} runs model-written code")
     if not progress_enabled():
         hf_logging.disable_progress_bar()
     t0 = time.time()
@@ -570,7 +577,8 @@ def run_stage(model, tokenizer, stage: RLStage, gym: Gym | None = None, seed: in
     return {"stage": stage.name, "log": [dict(x) for x in trainer.state.log_history], "routing": bal.history,
             "seconds": time.time() - t0, "data_seconds": data_seconds, "trainable_params": trainable,
             "optimizer": repr(opt), "aggregation_prompts": sum(r["aggregation"] for r in rows),
-            "rows": len(rows), "sources": {s: sum(r["source"] == s for r in rows) for s in stage.sources}}
+            "rows": len(rows), "sources": {s: sum(r["source"] == s for r in rows) for s in stage.sources},
+            "sandbox_isolation": sandbox_isolation}
 
 
 # ---------------------------------------------------------------------------------------------------------- checkpoints
