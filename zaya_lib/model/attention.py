@@ -17,6 +17,10 @@ Notable features:
   the Triton kernels of `zaya_kernels` when `config.attn_impl == "triton"`. CPU training at short context takes
   `block_causal_attention` instead: batched GEMMs over query blocks that skip the masked tiles (faster than SDPA's
   CPU flash kernel at head width 32).
+- Document masking of packed training windows (`doc`, see `documents.py`): attention within documents (the block
+  path skips the tiles no query/key pair of which shares a document; SDPA gets the block-diagonal causal mask; the
+  Triton kernels take per-token document starts/positions), and the conv history and delayed value restart at every
+  document start.
 """
 from __future__ import annotations
 

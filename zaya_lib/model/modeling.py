@@ -10,6 +10,8 @@ Notable features:
 - Left padding: pad tokens are zeroed before the q/k/v projections (no leak through the convs or the value delay),
   positions restart at the first real token, and pad keys are masked; a left-padded row gets the same logits as
   the same sequence alone.
+- Document masking (`doc_ids=`): every document of a packed training window computed as if alone (attention, conv
+  history, delayed value, positions; `documents.py`); absent, the model behaves as without it.
 - Cached decoding through `ZayaCache` (compressed K/V + conv and delayed-value states); prefill followed by token-by-token
   decode reproduces a full forward.
 - Training features the reference lacks: the balancing-bias optimizer (`update_balancing_biases`), routing statistics
