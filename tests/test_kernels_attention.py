@@ -207,7 +207,8 @@ def test_attention_rejects_bad_inputs():
         latent_attention(q, k, v, key_start=torch.zeros(3, dtype=torch.long, device=DEVICE))
 
 
-@pytest.mark.parametrize("tiles", [None, (32, 16), (16, 16), (64, 32)], ids=lambda t: f"BM{t[0]}-BN{t[1]}" if t else "default")
+@pytest.mark.parametrize("tiles", [None, (32, 16), (16, 16), (64, 32)],
+                         ids=lambda t: f"BM{t[0]}-BN{t[1]}" if t else "default")
 def test_attention_document_mask(tiles, monkeypatch):
     """doc_start (document masking of packed windows): equals SDPA with the block-diagonal causal mask, forward and
     dq/dk/dv, and each document equals the same attention run on it alone. Small tiles make query blocks whose rows

@@ -191,7 +191,7 @@ def test_cca_qk_document_mask_equals_documents_alone(BT, monkeypatch):
 
     leaves = {n: v.detach().clone().requires_grad_() for n, v in inputs.items()}
     w = [leaves[n] for n in ("dw_weight", "dw_bias", "g_weight", "g_bias", "temp")]
-    loss, qs, ks = 0.0, [], []
+    loss = 0.0
     for b, row in enumerate(lens):
         s = 0
         for n in row:

@@ -49,11 +49,3 @@ class DocMask:
         if self._mask is None:
             self._mask = doc_attn_mask(self.start)
         return self._mask
-
-    def ends(self) -> torch.Tensor:
-        """[B, T]: one past the last position of each token's document."""
-        T = self.start.shape[1]
-        idx = torch.arange(T, device=self.start.device)
-        last = F.pad(~self.cont[:, 1:], (0, 1), value=True)  # token t ends its document
-        e = torch.where(last, idx + 1, T)
-        return e.flip(1).cummin(dim=1).values.flip(1)

@@ -4,10 +4,12 @@ Shape legend: N windows, T context, B global batch rows, b rows on this rank, V 
 
 Notable features:
 - Data is a `TrainData`: packed windows [N, T+1] (inputs [:, :-1], labels [:, 1:]), the category of every token
-  (loss per category), an optional loss mask and the document of every token. With `TrainConfig.doc_mask` every
-  document of a window is computed as if alone (`zaya_lib.model.documents`: attention, conv history and value delay
-  restart at each document, positions too) and no target crosses a document boundary. Batch s is a pure function of (seed, s): rows s*B .. s*B+B-1 of a
-  chain of seeded per-epoch permutations. The data position is therefore just the step; nothing to replay.
+  (loss per category), an optional loss mask and the document of every token. Batch s is a pure function of
+  (seed, s): rows s*B .. s*B+B-1 of a chain of seeded per-epoch permutations. The data position is therefore just
+  the step; nothing to replay.
+- Document masking (`TrainConfig.doc_mask`): every document of a window is computed as if alone
+  (`zaya_lib.model.documents`: attention, conv history and value delay restart at each document, positions too) and
+  no target crosses a document boundary.
 - Muon + ExpertMuon + AdamW (`optim.py`) with a warmup-stable-decay schedule, gradient clipping, fp32 on the CPU and
   bf16 autocast on a GPU (weights, optimizer states and the residual stream stay fp32).
 - The loss is the sum of token cross-entropies divided by the GLOBAL number of target tokens of the step, so
@@ -192,8 +194,8 @@ class TrainConfig:
     compile: bool = False           # torch.compile the model's forward+backward (all but the expert GEMM block, whose
                                     # shapes change every step): `make bench` step 1.28-1.37x transformers' (eager:
                                     # 1.16-1.29x, median 1.28x) after a 10-46 s first step; for long runs, not the tiny phases
-    doc_mask: bool = False          # every document of a packed window computed as if alone (needs TrainData.doc_ids_NT1;
-                                    # SFT: params sft_doc_mask, default on; pretraining: pretrain_doc_mask, default off)
+    doc_mask: bool = False          # every document of a packed window computed as if alone (needs
+                                    # TrainData.doc_ids_NT1; params sft_doc_mask, default on; pretrain_doc_mask, off)
     desc: str = "train"
 
     def validate(self, seq_len: int | None = None, world_size: int = 1) -> None:
