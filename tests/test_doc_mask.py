@@ -174,6 +174,8 @@ def test_compiled_path(dtype):
     eagerly inside the compiled graph (graph breaks), everything else compiled. Compared with the documents alone
     through the compiled model too: the router's fp32 softmax rounds differently compiled than eager (~4e-9 in a
     float64 model, with or without document masking), which is no packing error."""
+    torch._dynamo.reset()  # earlier compiles of the same forward (other tests) must not use up the recompile limit,
+    # past which dynamo silently runs the new shapes eagerly
     m = _model(dtype)
     ids, doc_ids = _window()
     fwd = torch.compile(m, dynamic=False)
