@@ -1,7 +1,7 @@
 # zaya-repro: every target sets the project up first if .venv is missing.
 #   make reproduce   run the notebook pipeline on params/tiny.yaml (CPU, offline) -> outputs/tiny/
 #   make test        the test suite (CPU; GPU tests run too where CUDA is present)
-#   make bench       model/engine benchmarks -> outputs/bench/*.json
+#   make bench       model/engine/SFT-document-mask benchmarks -> outputs/bench/*.json
 #   make bench-kernels  kernel benchmarks (GPU; interpreter on CPU) -> outputs/bench/kernels*.json
 #   make lab         JupyterLab with the project's kernel
 SHELL := /bin/bash
@@ -34,6 +34,7 @@ reproduce: setup
 bench: setup
 	$(TEST_ENV) $(PY) benchmarks/bench_model.py
 	$(TEST_ENV) $(PY) benchmarks/bench_engine.py
+	$(TEST_ENV) $(PY) benchmarks/bench_sft.py
 
 bench-kernels: setup
 	$(TEST_ENV) $(PY) benchmarks/bench_kernels.py

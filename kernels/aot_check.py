@@ -58,23 +58,27 @@ def jobs(dt: torch.dtype):
     BQ, BH = cf["BQ"], cf["BH"]
     ty = {n: p for n in ("qk", "state", "dw_w", "dw_b", "g_w", "g_b", "temp", "cos", "sin", "out", "dout", "dqk")}
     ty.update(eps="fp32", sqrt_d="fp32", dy="*fp32", dtemp_part="*fp32", d_dw_w="*fp32", d_dw_b="*fp32", a_out=p,
-              d_g_w="*fp32", d_g_b="*fp32")
+              a0_out=p, d_g_w="*fp32", d_g_b="*fp32", doc_pos="*i32")
     cc = dict(HQ=Hq, HK=Hk, D=d, DOT_T=DOT_T, PREC=PREC)
-    for hs in (False, True):
-        yield f"cca_qk fwd (conv_state={hs})", C._fwd_kernel, ty, {**cc, "BT": cf["BT"], "BQ": BQ, "BH": BH, "HAS_STATE": hs,
-                                                                      "NB": cf["NB"]}, launch_opts(cf)
-    yield "cca_qk bwd dy", C._bwd_dy_kernel, ty, {**cc, "BT": cd["BT"], "BQ": BQ, "BH": BH}, launch_opts(cd)
-    yield "cca_qk bwd conv", C._bwd_conv_kernel, ty, {**cc, "BT": cv["BT"]}, launch_opts(cv)
+    for hs, hd in ((False, False), (True, False), (False, True)):
+        yield (f"cca_qk fwd (conv_state={hs}, doc={hd})", C._fwd_kernel, ty,
+               {**cc, "BT": cf["BT"], "BQ": BQ, "BH": BH, "HAS_STATE": hs, "HAS_DOC": hd, "NB": cf["NB"]}, launch_opts(cf))
+    for hd in (False, True):
+        yield f"cca_qk bwd dy (doc={hd})", C._bwd_dy_kernel, ty, {**cc, "BT": cd["BT"], "BQ": BQ, "BH": BH,
+                                                                   "HAS_DOC": hd}, launch_opts(cd)
+        yield f"cca_qk bwd conv (doc={hd})", C._bwd_conv_kernel, ty, {**cc, "BT": cv["BT"], "HAS_DOC": hd}, launch_opts(cv)
     # latent attention
     fc, bc = A._cfg("fwd", T, d, dt), A._cfg("bwd", T, d, dt)
     ty = {n: p for n in ("q", "k", "v", "o", "do", "dq", "dk", "dv")}
     ty.update(lse="*fp32", delta="*fp32", key_start="*i64", sm_scale="fp32", lengths="*i64", o_part="*fp32",
-              lse_part="*fp32")
-    ac = dict(HQ=Hq, G=Hq // Hk, D=d, HAS_START=True, DOT_T=DOT_T, PREC=PREC)
-    yield "attention fwd", A._fwd_kernel, ty, {**ac, "BM": fc["BM"], "BN": fc["BN"], "REV": fc["REV"]}, launch_opts(fc)
-    ac.update(BM=bc["BM"], BN=bc["BN"])
-    yield "attention bwd dk/dv", A._bwd_dkdv_kernel, ty, {**ac, "HK": Hk}, launch_opts(bc)
-    yield "attention bwd dq", A._bwd_dq_kernel, ty, {**ac, "REV": bc["REV"]}, launch_opts(bc)
+              lse_part="*fp32", doc_start="*i32", doc_end="*i32")
+    for hs, hd in ((True, False), (False, True)):   # left padding (decode-style prefill) / document masking
+        ac = dict(HQ=Hq, G=Hq // Hk, D=d, HAS_START=hs, HAS_DOC=hd, DOT_T=DOT_T, PREC=PREC)
+        yield (f"attention fwd (doc={hd})", A._fwd_kernel, ty, {**ac, "BM": fc["BM"], "BN": fc["BN"], "REV": fc["REV"]},
+               launch_opts(fc))
+        ac.update(BM=bc["BM"], BN=bc["BN"])
+        yield f"attention bwd dk/dv (doc={hd})", A._bwd_dkdv_kernel, ty, {**ac, "HK": Hk}, launch_opts(bc)
+        yield f"attention bwd dq (doc={hd})", A._bwd_dq_kernel, ty, {**ac, "REV": bc["REV"]}, launch_opts(bc)
     yield "attention decode", A._decode_kernel, ty, dict(HK=Hk, G=Hq // Hk, D=d, BG=16, BN=64, HAS_START=True,
                                                           DOT_T=DOT_T, PREC=PREC), 4
     # moe experts

@@ -186,3 +186,85 @@ def test_model_trains_the_same_through_block_attention_and_sdpa(monkeypatch):
         # rounding (and far below a wrong gradient, which is O(1) of scale)
         scale = float(g.abs().max())
         assert float((g_block[n] - g).abs().max()) <= 1e-3 * scale + 1e-12, n
+
+
+@pytest.mark.parametrize("rows", [4, 32])
+def test_block_attention_with_documents_equals_masked_sdpa_and_gradcheck(rows, monkeypatch):
+    """Document masking in the block path (`doc_block_attention`): each block scores only from its smallest document
+    start (tiles with no shared document skipped) and masks keys before each row's own start. Equal to SDPA with the
+    block-diagonal causal mask (forward and gradients, 1e-12), and gradcheck of the node itself."""
+    from zaya_lib.model.documents import DocMask
+
+    monkeypatch.setattr(attention, "BLOCK_ROWS", rows)
+    torch.manual_seed(0)
+    B, T, Hq, Hk, d = 2, 23, 4, 2, 4
+    lens = [[3, 9, 1, 10], [12, 11]]
+    doc = DocMask(torch.stack([torch.cat([torch.full((n,), i) for i, n in enumerate(r)]) for r in lens]))
+    qk, v = _rand(B, T, Hq + Hk, d), _rand(B, Hk, T, d)
+    go = torch.randn(B, Hq, T, d, **f64)
+
+    def run(fn):
+        q, k = qk.transpose(1, 2).split([Hq, Hk], 1)
+        out = fn(q, k, v)
+        return out, torch.autograd.grad(out, (qk, v), go)
+
+    mask = doc.attn_mask()
+    a, ga = run(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True))
+    b, gb = run(lambda q, k, v: attention.doc_block_attention(q, k, v, 0.3, doc.start))
+    torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    for x, y in zip(gb, ga):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+    lo = attention.block_key_starts(doc.start)
+    if rows == 4:
+        assert lo == [0, 0, 0, 12, 12, 12]  # row 1's first document spans rows 0-11, its second starts at 12
+    q, k = (x.detach().requires_grad_() for x in qk.transpose(1, 2).split([Hq, Hk], 1))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: attention._BlockCausalAttention.apply(q, k, v, 0.3, doc.start, lo), (q, k, v))
+
+
+def test_conv_history_restarts_at_document_starts_and_gradcheck():
+    """CCAProjection.convolve with doc_pos: each document's conv output equals the document convolved alone (its
+    history zero-padded), including documents of 1 and 2 tokens; the overwrite node's backward is exact (gradcheck
+    through the convs, the recomputed windows and the overwrite)."""
+    from zaya_lib.config import get_config
+    from zaya_lib.model.attention import CCAProjection
+    from zaya_lib.model.documents import DocMask
+
+    torch.manual_seed(0)
+    proj = CCAProjection(get_config("debug", hidden_size=8, head_dim=4, num_attention_heads=2,
+                                    num_key_value_heads=1), 0).double()
+    with torch.no_grad():
+        for p in proj.parameters():
+            p.copy_(torch.randn_like(p))
+    lens = [[4, 1, 2, 5], [12]]
+    doc = DocMask(torch.stack([torch.cat([torch.full((n,), i) for i, n in enumerate(r)]) for r in lens]))
+    u = _rand(2, 12, 12)  # [B, C, T], C = (2 + 1) * 4
+    out, state = proj.convolve(u, None, doc.position_ids)
+    assert torch.equal(state, u[..., -2:])
+    for b, row in enumerate(lens):
+        s = 0
+        for n in row:
+            torch.testing.assert_close(out[b:b + 1, :, s:s + n], proj.convolve(u[b:b + 1, :, s:s + n], None)[0],
+                                       rtol=1e-12, atol=1e-12)
+            s += n
+    assert torch.autograd.gradcheck(lambda x: proj.convolve(x, None, doc.position_ids)[0], (u,))
+    weights = [proj.conv_qk_depthwise.weight, proj.conv_qk_grouped.weight]
+    assert torch.autograd.gradcheck(lambda *w: _conv_with(proj, w, u.detach(), doc.position_ids), weights)
+
+
+class _Convolve(torch.nn.Module):
+    """proj.convolve as a module's forward, so torch.func.functional_call can swap the conv weights (gradcheck)."""
+
+    def __init__(self, proj):
+        super().__init__()
+        self.p = proj
+
+    def forward(self, u, pos):
+        return self.p.convolve(u, None, pos)[0]
+
+
+def _conv_with(proj, weights, u, pos):
+    from torch.func import functional_call
+
+    names = ["p.conv_qk_depthwise.weight", "p.conv_qk_grouped.weight"]
+    return functional_call(_Convolve(proj), dict(zip(names, weights)), (u, pos))

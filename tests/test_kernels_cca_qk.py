@@ -160,3 +160,43 @@ def test_cca_qk_rejects_bad_inputs():
         cca_qk_prep(*args, cos[..., :4], sin, Hq, Hk, d)
     with pytest.raises(ValueError, match="conv_state"):
         cca_qk_prep(*args, cos, sin, Hq, Hk, d, conv_state=torch.zeros(B, 48, 3, device=DEVICE))
+
+
+@pytest.mark.parametrize("BT", [None, 16], ids=["default", "BT16"])
+def test_cca_qk_document_mask_equals_documents_alone(BT, monkeypatch):
+    """doc_pos (document masking of packed windows): q, k and every input's gradient equal the reference run on each
+    document alone (conv history and zero pad restart at every document start, including 1- and 2-token documents)."""
+    import importlib
+
+    from zaya_lib.model.documents import DocMask
+
+    if BT is not None:
+        C_ = importlib.import_module("zaya_kernels.cca_qk.cca_qk")
+        for kernel in ("fwd", "bwd_dy", "bwd_conv"):
+            monkeypatch.setitem(C_.TUNING, kernel, {"BT": BT})
+    lens = [[9, 30, 1, 2, 3, 25], [70]]
+    B, T, Hq, Hk, d = 2, 70, 4, 2, 16
+    inputs, cos, sin = make_inputs(B, T, Hq, Hk, d, torch.float32, seed=4)
+    doc_ids = torch.stack([torch.cat([torch.full((n,), i) for i, n in enumerate(row)]) for row in lens]).to(DEVICE)
+    g = torch.Generator().manual_seed(5)
+    go = (torch.randn(B, T, Hq, d, generator=g).to(DEVICE), torch.randn(B, T, Hk, d, generator=g).to(DEVICE))
+    pos = DocMask(doc_ids).position_ids
+    (q, k), grads = run(lambda *a: cca_qk_prep(*a, doc_pos=pos), inputs, cos, sin, (Hq, Hk, d), go)
+
+    leaves = {n: v.detach().clone().requires_grad_() for n, v in inputs.items()}
+    w = [leaves[n] for n in ("dw_weight", "dw_bias", "g_weight", "g_bias", "temp")]
+    loss = 0.0
+    for b, row in enumerate(lens):
+        s = 0
+        for n in row:
+            sl = slice(s, s + n)
+            qa, ka = cca_qk_prep_ref(leaves["qk"][b:b + 1, sl], *w, cos[b:b + 1, sl], sin[b:b + 1, sl], Hq, Hk, d)
+            loss = loss + (qa * go[0][b:b + 1, sl]).sum() + (ka * go[1][b:b + 1, sl]).sum()
+            assert_close(f"q row {b} at {s}", qa, q[b:b + 1, sl], RATIO32)
+            assert_close(f"k row {b} at {s}", ka, k[b:b + 1, sl], RATIO32)
+            s += n
+    loss.backward()
+    for name, leaf in leaves.items():
+        assert_close(f"d{name}", leaf.grad, grads[name], RATIO32, atol=1e-6)
+    with pytest.raises(ValueError, match="doc_pos must be"):
+        cca_qk_prep(*inputs.values(), cos, sin, Hq, Hk, d, doc_pos=pos[:, :3])

@@ -82,12 +82,25 @@ def _conv_chunk(a0, a1, g_w, g_b, h, co, j, W, D: tl.constexpr, DOT_T: tl.conste
 
 
 @triton.jit
-def _depthwise(qk, state, dw_w, dw_b, b, t, h, T, C, D: tl.constexpr, HAS_STATE: tl.constexpr):
-    """Depthwise conv outputs a[t] and a[t+1] for head h's channels (padded index: a[t] reads u[t-2], u[t-1])."""
+def _doc_pos(doc_pos, b, t, T):
+    """Position of token t within its document ([BT] int32; 0 outside [0, T))."""
+    return tl.load(doc_pos + b * T + t, mask=(t >= 0) & (t < T), other=0)
+
+
+@triton.jit
+def _depthwise(qk, state, dw_w, dw_b, doc_pos, b, t, h, T, C, D: tl.constexpr, HAS_STATE: tl.constexpr,
+               HAS_DOC: tl.constexpr):
+    """Depthwise conv outputs a[t] and a[t+1] for head h's channels (padded index: a[t] reads u[t-2], u[t-1]).
+    HAS_DOC (document masking): the taps of output t read u[t - lag] only where doc_pos[t] >= lag, so a[t] and
+    a[t+1] are the two tap inputs of output t alone (no longer shared with the neighbouring outputs)."""
     ch = h * D + tl.arange(0, D)
     u_m2 = _load_u(qk, state, b, t - 2, ch, T, C, HAS_STATE)
     u_m1 = _load_u(qk, state, b, t - 1, ch, T, C, HAS_STATE)
     u_0 = _load_u(qk, state, b, t, ch, T, C, HAS_STATE)
+    if HAS_DOC:
+        pos = _doc_pos(doc_pos, b, t, T)
+        u_m2 = tl.where((pos >= 2)[:, None], u_m2, 0.0)
+        u_m1 = tl.where((pos >= 1)[:, None], u_m1, 0.0)
     w0 = tl.load(dw_w + ch * 2).to(tl.float32)[None, :]
     w1 = tl.load(dw_w + ch * 2 + 1).to(tl.float32)[None, :]
     bias = tl.load(dw_b + ch).to(tl.float32)[None, :]
@@ -95,13 +108,13 @@ def _depthwise(qk, state, dw_w, dw_b, b, t, h, T, C, D: tl.constexpr, HAS_STATE:
 
 
 @triton.jit
-def _pre_norm(qk, state, dw_w, dw_b, g_w, g_b, b, t, h, jq, jh, T, C,
-              HQ: tl.constexpr, D: tl.constexpr, G: tl.constexpr, HAS_STATE: tl.constexpr,
+def _pre_norm(qk, state, dw_w, dw_b, g_w, g_b, doc_pos, b, t, h, jq, jh, T, C,
+              HQ: tl.constexpr, D: tl.constexpr, G: tl.constexpr, HAS_STATE: tl.constexpr, HAS_DOC: tl.constexpr,
               DOT_T: tl.constexpr, PREC: tl.constexpr):
     """y = conv(qk) + skip, in the three chunks x1 [BT, BQ], x2 [BT, BQ], x3 [BT, BH] (see module docstring)."""
     Q4: tl.constexpr = D // 4
     R: tl.constexpr = D // 2
-    a0, a1 = _depthwise(qk, state, dw_w, dw_b, b, t, h, T, C, D, HAS_STATE)
+    a0, a1 = _depthwise(qk, state, dw_w, dw_b, doc_pos, b, t, h, T, C, D, HAS_STATE, HAS_DOC)
     y1 = _conv_chunk(a0, a1, g_w, g_b, h, 0, jq, Q4, D, DOT_T, PREC) + _skip(qk, state, b, t, h, 0, jq, Q4, T, C, HQ, D, G, HAS_STATE)
     y2 = _conv_chunk(a0, a1, g_w, g_b, h, Q4, jq, Q4, D, DOT_T, PREC) + _skip(qk, state, b, t, h, Q4, jq, Q4, T, C, HQ, D, G, HAS_STATE)
     y3 = _conv_chunk(a0, a1, g_w, g_b, h, R, jh, R, D, DOT_T, PREC) + _skip(qk, state, b, t, h, R, jh, R, T, C, HQ, D, G, HAS_STATE)
@@ -126,8 +139,8 @@ def _rope_tables(cos, sin, b, t, jq, T, tmask, D: tl.constexpr):
 # kernels
 
 @triton.jit
-def _fwd_kernel(qk, state, dw_w, dw_b, g_w, g_b, temp, cos, sin, out, T, eps, sqrt_d,
-                HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, HAS_STATE: tl.constexpr,
+def _fwd_kernel(qk, state, dw_w, dw_b, g_w, g_b, temp, cos, sin, doc_pos, out, T, eps, sqrt_d,
+                HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, HAS_STATE: tl.constexpr, HAS_DOC: tl.constexpr,
                 BT: tl.constexpr, BQ: tl.constexpr, BH: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
                 NB: tl.constexpr):
     """One program: head h of sequence b over NB consecutive blocks of BT time steps. The head-wise conv's [D, D]
@@ -154,7 +167,7 @@ def _fwd_kernel(qk, state, dw_w, dw_b, g_w, g_b, temp, cos, sin, out, T, eps, sq
     for it in range(NB):
         t = (pid_t * NB + it) * BT + tl.arange(0, BT)
         tmask = t < T
-        a0, a1 = _depthwise(qk, state, dw_w, dw_b, b, t, h, T, C, D, HAS_STATE)
+        a0, a1 = _depthwise(qk, state, dw_w, dw_b, doc_pos, b, t, h, T, C, D, HAS_STATE, HAS_DOC)
         a0, a1 = a0.to(DOT_T), a1.to(DOT_T)
         y1 = tl.dot(a0, w10, input_precision=PREC) + tl.dot(a1, w11, input_precision=PREC) + gb1
         y1 += _skip(qk, state, b, t, h, 0, jq, Q4, T, C, HQ, D, G, HAS_STATE)
@@ -177,8 +190,8 @@ def _fwd_kernel(qk, state, dw_w, dw_b, g_w, g_b, temp, cos, sin, out, T, eps, sq
 
 
 @triton.jit
-def _bwd_dy_kernel(qk, dw_w, dw_b, g_w, g_b, temp, cos, sin, dout, dy, dtemp_part, T, NT, eps, sqrt_d,
-                   HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr,
+def _bwd_dy_kernel(qk, dw_w, dw_b, g_w, g_b, temp, cos, sin, doc_pos, dout, dy, dtemp_part, T, NT, eps, sqrt_d,
+                   HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, HAS_DOC: tl.constexpr,
                    BT: tl.constexpr, BQ: tl.constexpr, BH: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
     """dout [B, T, H, d] -> dy [B, T, C] fp32 (grad of conv+skip output) and dtemp partials [B, NT, H]."""
     H: tl.constexpr = HQ + HK
@@ -191,7 +204,8 @@ def _bwd_dy_kernel(qk, dw_w, dw_b, g_w, g_b, temp, cos, sin, dout, dy, dtemp_par
     t = pid_t * BT + tl.arange(0, BT)
     tmask = t < T
     jq, jh = tl.arange(0, BQ), tl.arange(0, BH)
-    y1, y2, y3 = _pre_norm(qk, qk, dw_w, dw_b, g_w, g_b, b, t, h, jq, jh, T, C, HQ, D, G, False, DOT_T, PREC)
+    y1, y2, y3 = _pre_norm(qk, qk, dw_w, dw_b, g_w, g_b, doc_pos, b, t, h, jq, jh, T, C, HQ, D, G, False, HAS_DOC,
+                           DOT_T, PREC)
     ss = tl.sum(y1 * y1, 1) + tl.sum(y2 * y2, 1) + tl.sum(y3 * y3, 1)
     n = tl.sqrt(ss)
     nrm = tl.maximum(n, eps)
@@ -220,8 +234,8 @@ def _bwd_dy_kernel(qk, dw_w, dw_b, g_w, g_b, temp, cos, sin, dout, dy, dtemp_par
 
 
 @triton.jit
-def _bwd_conv_kernel(qk, dw_w, dw_b, g_w, dy, dqk, d_dw_w, d_dw_b, a_out, T,
-                     HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
+def _bwd_conv_kernel(qk, dw_w, dw_b, g_w, dy, doc_pos, dqk, d_dw_w, d_dw_b, a_out, a0_out, T,
+                     HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, HAS_DOC: tl.constexpr, BT: tl.constexpr,
                      DOT_T: tl.constexpr, PREC: tl.constexpr):
     """dy [B, T, C] -> dqk [B, T, C], the depthwise weight grads (fp32, atomically accumulated: [C] vectors) and
     the depthwise output a [B, T+1, C] (in qk's dtype), from which the launcher gets the head-wise weight grads as one
@@ -229,7 +243,14 @@ def _bwd_conv_kernel(qk, dw_w, dw_b, g_w, dy, dqk, d_dw_w, d_dw_b, a_out, T,
 
     Rows r cover [0, T] (T+1 rows): the depthwise output a has T+1 positions, a[s] = w0 u[s-2] + w1 u[s-1] + b
     (u = raw columns, u[<0] = pad), and y[t] = W0 a[t] + W1 a[t+1] + gb. Hence da[s] = W0^T dy[s] + W1^T dy[s-1],
-    du[j] = w0 da[j+2] + w1 da[j+1]."""
+    du[j] = w0 da[j+2] + w1 da[j+1].
+
+    HAS_DOC (document masking, p = doc_pos, m_l[t] = p[t] >= l): output t has its own tap inputs
+    a0[t] = w0 m2[t] u[t-2] + w1 m1[t] u[t-1] + b and a1[t] = w0 m1[t] u[t-1] + w1 u[t] + b. Then
+    du[j] = w1 (da1[j] + m1[j+1] da0[j+1]) + w0 (m1[j+1] da1[j+1] + m2[j+2] da0[j+2]) with da_k = W_k^T dy (dy[j+1]
+    and dy[j+2] masked before the dots); dw0 = sum_r (m2[r] da0[r] + m1[r-1] da1[r-1]) u[r-2],
+    dw1 = sum_r (m1[r] da0[r] + da1[r-1]) u[r-1]; a_out[r] = a1[r-1] and a0_out[r] = a0[r] (they differ only at
+    document starts, where a0 = b) for the head-wise weight grads."""
     H: tl.constexpr = HQ + HK
     G: tl.constexpr = HQ // HK
     C = H * D
@@ -244,10 +265,17 @@ def _bwd_conv_kernel(qk, dw_w, dw_b, g_w, dy, dqk, d_dw_w, d_dw_b, a_out, T,
     dy_m1 = _load_u(dy, dy, b, r - 1, ch, T, C, False)
     dy_p1 = _load_u(dy, dy, b, r + 1, ch, T, C, False)
     dy_p2 = _load_u(dy, dy, b, r + 2, ch, T, C, False)
+    if HAS_DOC:
+        p_m1 = _doc_pos(doc_pos, b, r - 1, T)
+        p_r = _doc_pos(doc_pos, b, r, T)
+        dy_p1 = tl.where((_doc_pos(doc_pos, b, r + 1, T) >= 1)[:, None], dy_p1, 0.0)
+        dy_p2 = tl.where((_doc_pos(doc_pos, b, r + 2, T) >= 2)[:, None], dy_p2, 0.0)
     # grouped-conv weights as [D(out c), D(in i)] per tap
     w0 = tl.load(g_w + ch[:, None] * (D * 2) + i[None, :] * 2).to(DOT_T)
     w1 = tl.load(g_w + ch[:, None] * (D * 2) + i[None, :] * 2 + 1).to(DOT_T)
-    da_r = tl.dot(dy_r.to(DOT_T), w0, input_precision=PREC) + tl.dot(dy_m1.to(DOT_T), w1, input_precision=PREC)
+    da0_r = tl.dot(dy_r.to(DOT_T), w0, input_precision=PREC)
+    da1_m1 = tl.dot(dy_m1.to(DOT_T), w1, input_precision=PREC)
+    da_r = da0_r + da1_m1
     da_p1 = tl.dot(dy_p1.to(DOT_T), w0, input_precision=PREC) + tl.dot(dy_r.to(DOT_T), w1, input_precision=PREC)
     da_p2 = tl.dot(dy_p2.to(DOT_T), w0, input_precision=PREC) + tl.dot(dy_p1.to(DOT_T), w1, input_precision=PREC)
 
@@ -267,12 +295,23 @@ def _bwd_conv_kernel(qk, dw_w, dw_b, g_w, dy, dqk, d_dw_w, d_dw_b, a_out, T,
     # depthwise weight grads from the rows this program owns (s = r in [0, T]; da[s > T] is zero by the masks)
     u_m2 = _load_u(qk, qk, b, r - 2, ch, T, C, False)
     u_m1 = _load_u(qk, qk, b, r - 1, ch, T, C, False)
-    tl.atomic_add(d_dw_w + ch * 2, tl.sum(da_r * u_m2, 0))
-    tl.atomic_add(d_dw_w + ch * 2 + 1, tl.sum(da_r * u_m1, 0))
+    if HAS_DOC:
+        tl.atomic_add(d_dw_w + ch * 2, tl.sum((tl.where((p_r >= 2)[:, None], da0_r, 0.0)
+                                               + tl.where((p_m1 >= 1)[:, None], da1_m1, 0.0)) * u_m2, 0))
+        tl.atomic_add(d_dw_w + ch * 2 + 1, tl.sum((tl.where((p_r >= 1)[:, None], da0_r, 0.0) + da1_m1) * u_m1, 0))
+    else:
+        tl.atomic_add(d_dw_w + ch * 2, tl.sum(da_r * u_m2, 0))
+        tl.atomic_add(d_dw_w + ch * 2 + 1, tl.sum(da_r * u_m1, 0))
     tl.atomic_add(d_dw_b + ch, tl.sum(tl.where((r <= T)[:, None], da_r, 0.0), 0))
     # the depthwise output a[s] (s = r in [0, T]) for the head-wise weight grads, reduced outside by a GEMM
     dwb = tl.load(dw_b + ch).to(tl.float32)[None, :]
-    a_r = dw0 * u_m2 + dw1 * u_m1 + dwb
+    if HAS_DOC:
+        a_r = dw0 * tl.where((p_m1 >= 1)[:, None], u_m2, 0.0) + dw1 * u_m1 + dwb
+        a0_r = tl.where((p_r >= 1)[:, None], a_r, dwb)
+        tl.store(a0_out + (b * (T + 1) + r)[:, None] * C + ch[None, :], a0_r.to(a0_out.dtype.element_ty),
+                 mask=(r <= T)[:, None])
+    else:
+        a_r = dw0 * u_m2 + dw1 * u_m1 + dwb
     tl.store(a_out + (b * (T + 1) + r)[:, None] * C + ch[None, :], a_r.to(a_out.dtype.element_ty), mask=(r <= T)[:, None])
 
 
@@ -298,7 +337,7 @@ def _cfg(kernel: str, T: int, d: int) -> dict:
     return cfg
 
 
-def cca_qk_fwd(qk, dw_weight, dw_bias, g_weight, g_bias, temp, cos, sin, Hq, Hk, d, conv_state=None):
+def cca_qk_fwd(qk, dw_weight, dw_bias, g_weight, g_bias, temp, cos, sin, Hq, Hk, d, conv_state=None, doc_pos=None):
     B, T, C = qk.shape
     out = torch.empty(B, T, Hq + Hk, d, device=qk.device, dtype=qk.dtype)
     c = _cfg("fwd", T, d)
@@ -307,13 +346,14 @@ def cca_qk_fwd(qk, dw_weight, dw_bias, g_weight, g_bias, temp, cos, sin, Hq, Hk,
     state = conv_state.contiguous() if conv_state is not None else qk
     NB = max(1, min(c["NB"], triton.cdiv(T, BT)))
     grid = (triton.cdiv(T, BT * NB), B * (Hq + Hk))
-    _fwd_kernel[grid](qk, state, dw_weight, dw_bias, g_weight, g_bias, temp, cos, sin, out, T,
-                      torch.finfo(qk.dtype).eps, math.sqrt(d), HQ=Hq, HK=Hk, D=d, HAS_STATE=conv_state is not None,
+    _fwd_kernel[grid](qk, state, dw_weight, dw_bias, g_weight, g_bias, temp, cos, sin,
+                      doc_pos if doc_pos is not None else qk, out, T, torch.finfo(qk.dtype).eps, math.sqrt(d),
+                      HQ=Hq, HK=Hk, D=d, HAS_STATE=conv_state is not None, HAS_DOC=doc_pos is not None,
                       BT=BT, BQ=BQ, BH=BH, DOT_T=DOT_T, PREC=PREC, NB=NB, **launch_opts(c))
     return out
 
 
-def cca_qk_bwd(dout, qk, dw_weight, dw_bias, g_weight, g_bias, temp, cos, sin, Hq, Hk, d):
+def cca_qk_bwd(dout, qk, dw_weight, dw_bias, g_weight, g_bias, temp, cos, sin, Hq, Hk, d, doc_pos=None):
     B, T, C = qk.shape
     H = Hq + Hk
     c, cc = _cfg("bwd_dy", T, d), _cfg("bwd_conv", T, d)
@@ -322,20 +362,24 @@ def cca_qk_bwd(dout, qk, dw_weight, dw_bias, g_weight, g_bias, temp, cos, sin, H
     NT = triton.cdiv(T, BT)
     dy = torch.empty(B, T, C, device=qk.device, dtype=torch.float32)
     dtemp_part = torch.empty(B, NT, H, device=qk.device, dtype=torch.float32)
-    _bwd_dy_kernel[(NT, B * H)](qk, dw_weight, dw_bias, g_weight, g_bias, temp, cos, sin, dout, dy, dtemp_part,
-                                T, NT, torch.finfo(qk.dtype).eps, math.sqrt(d), HQ=Hq, HK=Hk, D=d,
+    has_doc = doc_pos is not None
+    dp = doc_pos if has_doc else qk
+    _bwd_dy_kernel[(NT, B * H)](qk, dw_weight, dw_bias, g_weight, g_bias, temp, cos, sin, dp, dout, dy, dtemp_part,
+                                T, NT, torch.finfo(qk.dtype).eps, math.sqrt(d), HQ=Hq, HK=Hk, D=d, HAS_DOC=has_doc,
                                 BT=BT, BQ=BQ, BH=BH, DOT_T=DOT_T, PREC=PREC, **launch_opts(c))
     dqk = torch.empty_like(qk)
     f32 = dict(device=qk.device, dtype=torch.float32)
     d_dw_w, d_dw_b = torch.zeros(C, 1, 2, **f32), torch.zeros(C, **f32)
     a = torch.empty(B, T + 1, C, device=qk.device, dtype=qk.dtype)   # fp32 for fp32 inputs, else half
-    _bwd_conv_kernel[(triton.cdiv(T + 1, cc["BT"]), B * H)](qk, dw_weight, dw_bias, g_weight, dy, dqk, d_dw_w, d_dw_b,
-                                                           a, T, HQ=Hq, HK=Hk, D=d, BT=cc["BT"],
-                                                           DOT_T=DOT_T, PREC=PREC, **launch_opts(cc))
+    a0 = torch.empty_like(a) if has_doc else a   # document masking: tap 0's own inputs (b at document starts)
+    _bwd_conv_kernel[(triton.cdiv(T + 1, cc["BT"]), B * H)](qk, dw_weight, dw_bias, g_weight, dy, dp, dqk, d_dw_w,
+                                                           d_dw_b, a, a0, T, HQ=Hq, HK=Hk, D=d, HAS_DOC=has_doc,
+                                                           BT=cc["BT"], DOT_T=DOT_T, PREC=PREC, **launch_opts(cc))
     # head-wise conv weight grads: dW_k[h d + c, i] = sum_(b, t) dy[b, t, h d + c] a[b, t + k, h d + i], one batched
     # GEMM per tap in the inputs' precision (half operands, fp32 accumulation, as torch's own conv backward does)
     dy_h = dy.to(qk.dtype).view(B * T, H, d).permute(1, 2, 0)                       # [H, d(c), B T]
-    d_g_w = torch.stack([torch.bmm(dy_h, a[:, k:T + k].reshape(B * T, H, d).transpose(0, 1)) for k in (0, 1)], -1)
+    d_g_w = torch.stack([torch.bmm(dy_h, (a0 if k == 0 else a)[:, k:T + k].reshape(B * T, H, d).transpose(0, 1))
+                         for k in (0, 1)], -1)
     d_g_w = d_g_w.float().reshape(C, d, 2)
     d_g_b = dy.sum((0, 1))
     dtemp = dtemp_part.sum((0, 1))[Hq:]
@@ -344,9 +388,9 @@ def cca_qk_bwd(dout, qk, dw_weight, dw_bias, g_weight, g_bias, temp, cos, sin, H
 
 class CCAQKPrepFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qk, dw_weight, dw_bias, g_weight, g_bias, temp, cos, sin, Hq, Hk, d, conv_state):
-        out = cca_qk_fwd(qk, dw_weight, dw_bias, g_weight, g_bias, temp, cos, sin, Hq, Hk, d, conv_state)
-        ctx.save_for_backward(qk, dw_weight, dw_bias, g_weight, g_bias, temp, cos, sin)
+    def forward(ctx, qk, dw_weight, dw_bias, g_weight, g_bias, temp, cos, sin, Hq, Hk, d, conv_state, doc_pos=None):
+        out = cca_qk_fwd(qk, dw_weight, dw_bias, g_weight, g_bias, temp, cos, sin, Hq, Hk, d, conv_state, doc_pos)
+        ctx.save_for_backward(qk, dw_weight, dw_bias, g_weight, g_bias, temp, cos, sin, doc_pos)
         ctx.dims = (Hq, Hk, d)
         ctx.has_state = conv_state is not None
         return out[:, :, :Hq], out[:, :, Hq:]
@@ -355,19 +399,19 @@ class CCAQKPrepFunction(torch.autograd.Function):
     def backward(ctx, dq, dk):
         if ctx.has_state:
             raise NotImplementedError("cca_qk_prep: backward through a conv_state (decode) call is not supported")
-        qk, dw_weight, dw_bias, g_weight, g_bias, temp, cos, sin = ctx.saved_tensors
+        qk, dw_weight, dw_bias, g_weight, g_bias, temp, cos, sin, doc_pos = ctx.saved_tensors
         Hq, Hk, d = ctx.dims
         dq = torch.zeros_like(qk[..., : Hq * d]).view(*qk.shape[:2], Hq, d) if dq is None else dq
         dk = torch.zeros_like(qk[..., Hq * d:]).view(*qk.shape[:2], Hk, d) if dk is None else dk
         dout = torch.cat([dq, dk], dim=2).contiguous()
         dqk, d_dw_w, d_dw_b, d_g_w, d_g_b, dtemp = cca_qk_bwd(dout, qk, dw_weight, dw_bias, g_weight, g_bias, temp,
-                                                              cos, sin, Hq, Hk, d)
+                                                              cos, sin, Hq, Hk, d, doc_pos)
         return (dqk, d_dw_w.to(dw_weight.dtype), d_dw_b.to(dw_bias.dtype), d_g_w.to(g_weight.dtype),
-                d_g_b.to(g_bias.dtype), dtemp.to(temp.dtype), None, None, None, None, None, None)
+                d_g_b.to(g_bias.dtype), dtemp.to(temp.dtype), None, None, None, None, None, None, None)
 
 
 def cca_qk_prep(qk, dw_weight, dw_bias, g_weight, g_bias, temp, cos, sin, num_q_heads: int, num_kv_heads: int,
-                head_dim: int, conv_state=None):
+                head_dim: int, conv_state=None, doc_pos=None):
     """Fused CCA q/k preparation (architecture.md §3 steps 1-3, 5). Differentiable in every input but cos/sin.
 
     Args:
@@ -377,6 +421,9 @@ def cca_qk_prep(qk, dw_weight, dw_bias, g_weight, g_bias, temp, cos, sin, num_q_
         temp: [Hk] linear key temperature.
         cos, sin: [B, T, d/2] (or [1, T, d/2], shared by the batch) HF NeoX tables (cos = cat(cos f, cos f)).
         conv_state: optional [B, C, 2], the last two raw columns before this chunk (decode); forward only.
+        doc_pos: optional [B, T] integer, document masking of packed windows: each token's position within its
+           document; the conv taps reaching `lag` tokens back read zeros where doc_pos < lag (history restarts at
+           every document start, as the zero pad at t = 0). Not with conv_state.
     Returns:
         q [B, T, Hq, d], k [B, T, Hk, d] (views of one [B, T, Hq+Hk, d] buffer), in qk's dtype.
     Raises:
@@ -406,5 +453,13 @@ def cca_qk_prep(qk, dw_weight, dw_bias, g_weight, g_bias, temp, cos, sin, num_q_
     check_tensor("sin", sin, (B, T, d // 2))
     if conv_state is not None:
         check_tensor("conv_state", conv_state, (B, C, 2))
+    if doc_pos is not None:
+        if not isinstance(doc_pos, torch.Tensor) or doc_pos.shape != (B, T) or doc_pos.dtype.is_floating_point:
+            raise ValueError(f"cca_qk_prep: doc_pos must be an integer tensor of shape [{B}, {T}]")
+        if doc_pos.device != qk.device:
+            raise ValueError(f"cca_qk_prep: doc_pos is on {doc_pos.device}, qk on {qk.device}")
+        if conv_state is not None:
+            raise ValueError("cca_qk_prep: doc_pos (document masking) cannot continue from a conv_state")
+        doc_pos = doc_pos.to(torch.int32).contiguous()
     args = [x.contiguous() for x in (qk, dw_weight, dw_bias, g_weight, g_bias, temp, cos, sin)]
-    return CCAQKPrepFunction.apply(*args, Hq, Hk, d, conv_state)
+    return CCAQKPrepFunction.apply(*args, Hq, Hk, d, conv_state, doc_pos)

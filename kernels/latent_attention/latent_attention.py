@@ -34,11 +34,12 @@ def _key_start(key_start, b, HAS_START: tl.constexpr):
 
 
 @triton.jit
-def _fwd_block(q_t, kb, vb, m, start, st, T, skt, svt, m_i, l_i, acc, qs,
+def _fwd_block(q_t, kb, vb, m, start, st, st_row, T, skt, svt, m_i, l_i, acc, qs,
                BN: tl.constexpr, D: tl.constexpr, MASK: tl.constexpr, HAS_START: tl.constexpr,
-               DOT_T: tl.constexpr, PREC: tl.constexpr):
+               DOC: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
     """One BN-key block of the online softmax. MASK: the block touches the diagonal or the end of the sequence, so
-    the causal and length masks apply; blocks wholly below the diagonal skip them (and their masked loads)."""
+    the causal and length masks apply; blocks wholly below the diagonal skip them (and their masked loads).
+    DOC: some keys of the block precede some row's document start st_row [BM] (document masking)."""
     n = start + tl.arange(0, BN)
     dd = tl.arange(0, D)
     if MASK:
@@ -52,8 +53,10 @@ def _fwd_block(q_t, kb, vb, m, start, st, T, skt, svt, m_i, l_i, acc, qs,
         s = tl.where((m[:, None] >= n[None, :]) & ((n < T) & (n >= st))[None, :], s, float("-inf"))
     elif HAS_START:
         s = tl.where((n >= st)[None, :], s, float("-inf"))
+    if DOC:
+        s = tl.where(n[None, :] >= st_row[:, None], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    if MASK or HAS_START:
+    if MASK or HAS_START or DOC:
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with no valid key yet (left pad): p = 0
     else:
         m_sub = m_new
@@ -65,14 +68,16 @@ def _fwd_block(q_t, kb, vb, m, start, st, T, skt, svt, m_i, l_i, acc, qs,
 
 
 @triton.jit
-def _fwd_kernel(q, k, v, o, lse, key_start, sm_scale, T,
+def _fwd_kernel(q, k, v, o, lse, key_start, doc_start, sm_scale, T,
                 sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
                 HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                HAS_START: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr, REV: tl.constexpr):
+                HAS_START: tl.constexpr, HAS_DOC: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
+                REV: tl.constexpr):
     """One program: BM query rows of query head h. REV: the last query blocks (the most key blocks) start first, so
     the causal triangle's long programs do not form the tail of the launch. Key blocks [lo, diag) lie wholly below
     the causal diagonal and run unmasked; [diag, hi) get the causal/length mask (BN divides BM, so diag = pid_m * BM
-    is a block boundary)."""
+    is a block boundary). Document masking (doc_start [B, T], non-decreasing along T): keys start at the block's
+    first row's document start, and the blocks before the last row's document start get the per-row mask."""
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     if REV:
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -87,15 +92,26 @@ def _fwd_kernel(q, k, v, o, lse, key_start, sm_scale, T,
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D], tl.float32)
     st = _key_start(key_start, b, HAS_START)
-    lo = (st // BN) * BN
     diag = pid_m * BM
     hi = tl.minimum(diag + BM, T)
-    for start in range(lo, diag, BN):
-        m_i, l_i, acc = _fwd_block(q_t, kb, vb, m, start, st, T, skt, svt, m_i, l_i, acc, qs, BN=BN, D=D,
-                                   MASK=False, HAS_START=HAS_START, DOT_T=DOT_T, PREC=PREC)
-    for start in range(tl.maximum(lo, diag), hi, BN):
-        m_i, l_i, acc = _fwd_block(q_t, kb, vb, m, start, st, T, skt, svt, m_i, l_i, acc, qs, BN=BN, D=D,
-                                   MASK=True, HAS_START=HAS_START, DOT_T=DOT_T, PREC=PREC)
+    if HAS_DOC:
+        st_row = tl.load(doc_start + b * T + m, mask=m < T, other=0).to(tl.int32)
+        lo = (tl.load(doc_start + b * T + diag).to(tl.int32) // BN) * BN
+        st_last = tl.load(doc_start + b * T + hi - 1).to(tl.int32)
+        mid = tl.maximum(lo, tl.minimum(tl.cdiv(st_last, BN) * BN, diag))   # blocks from here: every row sees all
+        for start in range(lo, mid, BN):
+            m_i, l_i, acc = _fwd_block(q_t, kb, vb, m, start, st, st_row, T, skt, svt, m_i, l_i, acc, qs, BN=BN,
+                                       D=D, MASK=False, HAS_START=False, DOC=True, DOT_T=DOT_T, PREC=PREC)
+    else:
+        st_row = m
+        lo = (st // BN) * BN
+        mid = lo
+    for start in range(mid, diag, BN):
+        m_i, l_i, acc = _fwd_block(q_t, kb, vb, m, start, st, st_row, T, skt, svt, m_i, l_i, acc, qs, BN=BN, D=D,
+                                   MASK=False, HAS_START=HAS_START, DOC=False, DOT_T=DOT_T, PREC=PREC)
+    for start in range(tl.maximum(mid, diag), hi, BN):
+        m_i, l_i, acc = _fwd_block(q_t, kb, vb, m, start, st, st_row, T, skt, svt, m_i, l_i, acc, qs, BN=BN, D=D,
+                                   MASK=True, HAS_START=HAS_START, DOC=HAS_DOC, DOT_T=DOT_T, PREC=PREC)
     # pad query rows (m < key_start) saw no key: output 0 and lse = +inf, so the backward gives them p = 0
     ok = l_i > 0
     acc = acc / tl.where(ok, l_i, 1.0)[:, None]
@@ -105,12 +121,13 @@ def _fwd_kernel(q, k, v, o, lse, key_start, sm_scale, T,
 
 
 @triton.jit
-def _bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, key_start, sm_scale, T,
+def _bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, key_start, doc_start, doc_end, sm_scale, T,
                      sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
                      HQ: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr, HAS_START: tl.constexpr, DOT_T: tl.constexpr,
-                     PREC: tl.constexpr):
-    """One program: BN keys of kv head hk; loops over the G query heads and the query blocks at or after the keys.
+                     BM: tl.constexpr, BN: tl.constexpr, HAS_START: tl.constexpr, HAS_DOC: tl.constexpr,
+                     DOT_T: tl.constexpr, PREC: tl.constexpr):
+    """One program: BN keys of kv head hk; loops over the G query heads and the query blocks at or after the keys
+    (with document masking, only up to the end of the last key's document, doc_end [B, T]).
     do, lse, delta, dk, dv are contiguous ([B, Hq, T, d], [B, Hq, T], [B, Hq, T], [B, Hk, T, d] x2)."""
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
     b, hk = pid_bh // HK, pid_bh % HK
@@ -123,10 +140,14 @@ def _bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, key_start, sm_scale, T,
     dk_acc = tl.zeros([BN, D], tl.float32)
     dv_acc = tl.zeros([BN, D], tl.float32)
     lo = (pid_n * BN // BM) * BM
+    if HAS_DOC:
+        q_hi = tl.load(doc_end + b * T + tl.minimum(pid_n * BN + BN, T) - 1).to(tl.int32)
+    else:
+        q_hi = T
     for j in range(G):
         h = hk * G + j
         row0 = (b * HQ + h) * T
-        for start in range(lo, T, BM):
+        for start in range(lo, q_hi, BM):
             m = start + tl.arange(0, BM)
             mmask = m < T
             q_t = tl.load(q + b * sqb + h * sqh + m[:, None] * sqt + dd[None, :], mask=mmask[:, None], other=0.0).to(DOT_T)
@@ -136,6 +157,8 @@ def _bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, key_start, sm_scale, T,
             # s^T [BN, BM]: keys as rows so dV = P^T dO is a plain dot
             sT = tl.dot(k_t, tl.trans(q_t), input_precision=PREC) * qs
             keep = (m[None, :] >= n[:, None]) & mmask[None, :] & nmask[:, None]
+            if HAS_DOC:
+                keep = keep & (n[:, None] >= tl.load(doc_start + b * T + m, mask=mmask, other=0)[None, :])
             pT = tl.where(keep, tl.exp2(sT - lse_m[None, :]), 0.0)
             dv_acc += tl.dot(pT.to(DOT_T), do_t, input_precision=PREC)
             dpT = tl.dot(v_t, tl.trans(do_t), input_precision=PREC)
@@ -147,10 +170,11 @@ def _bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, key_start, sm_scale, T,
 
 
 @triton.jit
-def _bwd_dq_kernel(q, k, v, do, lse, delta, dq, key_start, sm_scale, T,
+def _bwd_dq_kernel(q, k, v, do, lse, delta, dq, key_start, doc_start, sm_scale, T,
                    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
                    HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                   HAS_START: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr, REV: tl.constexpr):
+                   HAS_START: tl.constexpr, HAS_DOC: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
+                   REV: tl.constexpr):
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     if REV:   # the last query blocks have the most keys: start them first
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -168,6 +192,9 @@ def _bwd_dq_kernel(q, k, v, do, lse, delta, dq, key_start, sm_scale, T,
     kb, vb = k + b * skb + hk * skh, v + b * svb + hk * svh
     dq_acc = tl.zeros([BM, D], tl.float32)
     st = _key_start(key_start, b, HAS_START)
+    if HAS_DOC:
+        st_row = tl.load(doc_start + b * T + m, mask=mmask, other=0).to(tl.int32)
+        st = tl.load(doc_start + b * T + pid_m * BM).to(tl.int32)   # the block's smallest document start
     hi = tl.minimum((pid_m + 1) * BM, T)
     for start in range((st // BN) * BN, hi, BN):
         n = start + tl.arange(0, BN)
@@ -175,6 +202,8 @@ def _bwd_dq_kernel(q, k, v, do, lse, delta, dq, key_start, sm_scale, T,
         v_t = tl.load(vb + n[:, None] * svt + dd[None, :], mask=(n < T)[:, None], other=0.0).to(DOT_T)
         s = tl.dot(q_t, tl.trans(k_t), input_precision=PREC) * qs
         keep = (m[:, None] >= n[None, :]) & ((n < T) & (n >= st))[None, :] & mmask[:, None]
+        if HAS_DOC:
+            keep = keep & (n[None, :] >= st_row[:, None])
         p = tl.where(keep, tl.exp2(s - lse_m[:, None]), 0.0)
         dp = tl.dot(do_t, tl.trans(v_t), input_precision=PREC)
         ds = p * (dp - dl_m[:, None])
@@ -270,7 +299,7 @@ def _strides(x):
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def attention_fwd(q, k, v, scale, key_start=None):
+def attention_fwd(q, k, v, scale, key_start=None, doc_start=None):
     B, Hq, T, d = q.shape
     Hk = k.shape[1]
     c = _cfg("fwd", T, d, q.dtype)
@@ -278,14 +307,25 @@ def attention_fwd(q, k, v, scale, key_start=None):
     DOT_T, PREC = dot_dtype(q.dtype)
     o = torch.empty(B, Hq, T, d, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
-    _fwd_kernel[(triton.cdiv(T, BM), B * Hq)](q, k, v, o, lse, key_start if key_start is not None else lse, scale, T,
+    _fwd_kernel[(triton.cdiv(T, BM), B * Hq)](q, k, v, o, lse, key_start if key_start is not None else lse,
+                                              doc_start if doc_start is not None else lse, scale, T,
                                               *_strides(q), *_strides(k), *_strides(v), HQ=Hq, G=Hq // Hk, D=d,
-                                              BM=BM, BN=BN, HAS_START=key_start is not None, DOT_T=DOT_T, PREC=PREC,
+                                              BM=BM, BN=BN, HAS_START=key_start is not None,
+                                              HAS_DOC=doc_start is not None, DOT_T=DOT_T, PREC=PREC,
                                               REV=c["REV"], **launch_opts(c))
     return o, lse
 
 
-def attention_bwd(do, q, k, v, o, lse, scale, key_start=None):
+def _doc_end(doc_start):
+    """[B, T] int32: one past the last position of each token's document, from the document starts."""
+    T = doc_start.shape[1]
+    idx = torch.arange(T, device=doc_start.device, dtype=torch.int32)
+    nxt = torch.cat([doc_start[:, 1:], doc_start.new_full((doc_start.shape[0], 1), T)], 1)
+    e = torch.where(nxt != doc_start, idx + 1, T)   # token t ends its document (the next one starts elsewhere)
+    return e.flip(1).cummin(dim=1).values.flip(1).to(torch.int32).contiguous()
+
+
+def attention_bwd(do, q, k, v, o, lse, scale, key_start=None, doc_start=None):
     B, Hq, T, d = q.shape
     Hk = k.shape[1]
     c = _cfg("bwd", T, d, q.dtype)
@@ -298,28 +338,30 @@ def attention_bwd(do, q, k, v, o, lse, scale, key_start=None):
     dv = torch.empty(B, Hk, T, d, device=q.device, dtype=v.dtype)
     st = (*_strides(q), *_strides(k), *_strides(v))
     ks, has = (key_start, True) if key_start is not None else (lse, False)
-    _bwd_dkdv_kernel[(triton.cdiv(T, BN), B * Hk)](q, k, v, do, lse, delta, dk, dv, ks, scale, T, *st,
+    ds, de, has_doc = ((doc_start, _doc_end(doc_start), True) if doc_start is not None else (lse, lse, False))
+    _bwd_dkdv_kernel[(triton.cdiv(T, BN), B * Hk)](q, k, v, do, lse, delta, dk, dv, ks, ds, de, scale, T, *st,
                                                    HQ=Hq, HK=Hk, G=Hq // Hk, D=d, BM=BM, BN=BN, HAS_START=has,
-                                                   DOT_T=DOT_T, PREC=PREC, **launch_opts(c))
-    _bwd_dq_kernel[(triton.cdiv(T, BM), B * Hq)](q, k, v, do, lse, delta, dq, ks, scale, T, *st,
-                                                 HQ=Hq, G=Hq // Hk, D=d, BM=BM, BN=BN, HAS_START=has, DOT_T=DOT_T,
-                                                 PREC=PREC, REV=c["REV"], **launch_opts(c))
+                                                   HAS_DOC=has_doc, DOT_T=DOT_T, PREC=PREC, **launch_opts(c))
+    _bwd_dq_kernel[(triton.cdiv(T, BM), B * Hq)](q, k, v, do, lse, delta, dq, ks, ds, scale, T, *st,
+                                                 HQ=Hq, G=Hq // Hk, D=d, BM=BM, BN=BN, HAS_START=has,
+                                                 HAS_DOC=has_doc, DOT_T=DOT_T, PREC=PREC, REV=c["REV"],
+                                                 **launch_opts(c))
     return dq, dk, dv
 
 
 class LatentAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, key_start):
-        o, lse = attention_fwd(q, k, v, scale, key_start)
-        ctx.save_for_backward(q, k, v, o, lse, key_start)
+    def forward(ctx, q, k, v, scale, key_start, doc_start=None):
+        o, lse = attention_fwd(q, k, v, scale, key_start, doc_start)
+        ctx.save_for_backward(q, k, v, o, lse, key_start, doc_start)
         ctx.scale = scale
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, key_start = ctx.saved_tensors
-        dq, dk, dv = attention_bwd(do, q, k, v, o, lse, ctx.scale, key_start)
-        return dq, dk, dv, None, None
+        q, k, v, o, lse, key_start, doc_start = ctx.saved_tensors
+        dq, dk, dv = attention_bwd(do, q, k, v, o, lse, ctx.scale, key_start, doc_start)
+        return dq, dk, dv, None, None, None
 
 
 def _check_qkv(fn, q, k, v, same_len=True):
@@ -356,7 +398,17 @@ def _check_key_start(fn, key_start, B, device):
     return key_start.contiguous()
 
 
-def latent_attention(q, k, v, scale: float | None = None, key_start=None):
+def _check_doc_start(fn, doc_start, B, T, device):
+    if doc_start is None:
+        return None
+    if not isinstance(doc_start, torch.Tensor) or doc_start.shape != (B, T) or doc_start.dtype.is_floating_point:
+        raise ValueError(f"{fn}: doc_start must be an integer tensor of shape [{B}, {T}]")
+    if doc_start.device != device:
+        raise ValueError(f"{fn}: doc_start is on {doc_start.device}, q on {device}")
+    return doc_start.to(torch.int32).contiguous()
+
+
+def latent_attention(q, k, v, scale: float | None = None, key_start=None, doc_start=None):
     """Causal softmax attention with GQA, flash-style (no T x T matrix). Differentiable in q, k, v.
 
     Args:
@@ -365,14 +417,21 @@ def latent_attention(q, k, v, scale: float | None = None, key_start=None):
         scale: softmax scale, default 1/sqrt(d).
         key_start: optional [B] integer, the first real position of each left-padded sequence: keys before it are
            masked, and query rows before it (pads) return 0 with zero gradient.
+        doc_start: optional [B, T] integer, document masking of packed windows: the first position of each query's
+           document (non-decreasing along T, doc_start[b, i] <= i); query i sees keys doc_start[b, i] <= j <= i, and
+           key blocks no query of a block can see are skipped. Not with key_start.
     Returns:
         o [B, Hq, T, d] in q's dtype. Equals SDPA(q, k, v, is_causal=True, enable_gqa=True, scale=scale) when
-        key_start is None.
+        key_start and doc_start are None (with doc_start: SDPA with the block-diagonal causal mask).
     """
     _check_qkv("latent_attention", q, k, v)
     key_start = _check_key_start("latent_attention", key_start, q.shape[0], q.device)
+    doc_start = _check_doc_start("latent_attention", doc_start, q.shape[0], q.shape[2], q.device)
+    if key_start is not None and doc_start is not None:
+        raise ValueError("latent_attention: key_start (left padding) and doc_start (document masking) are exclusive")
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    return LatentAttentionFunction.apply(_last_contig(q), _last_contig(k), _last_contig(v), scale, key_start)
+    return LatentAttentionFunction.apply(_last_contig(q), _last_contig(k), _last_contig(v), scale, key_start,
+                                         doc_start)
 
 
 def latent_attention_decode(q, k_cache, v_cache, lengths, scale: float | None = None, key_start=None):

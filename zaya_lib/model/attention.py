@@ -17,6 +17,10 @@ Notable features:
   the Triton kernels of `zaya_kernels` when `config.attn_impl == "triton"`. CPU training at short context takes
   `block_causal_attention` instead: batched GEMMs over query blocks that skip the masked tiles (faster than SDPA's
   CPU flash kernel at head width 32).
+- Document masking of packed training windows (`doc`, see `documents.py`): attention within documents (the block
+  path skips the tiles no query/key pair of which shares a document; SDPA gets the block-diagonal causal mask; the
+  Triton kernels take per-token document starts/positions), and the conv history and delayed value restart at every
+  document start.
 """
 from __future__ import annotations
 
@@ -27,10 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import ZayaCache
+from .documents import DocMask, doc_attn_mask
 from .fused_ops import needs_autograd
 
 __all__ = ["CCAProjection", "QKNorm", "CCAttention", "rope_cos_sin", "apply_partial_rope", "qk_norm_rope",
-           "block_causal_attention", "use_block_attention"]
+           "block_causal_attention", "use_block_attention", "doc_block_attention", "block_key_starts"]
 
 
 def rope_cos_sin(position_ids: torch.Tensor, rotary_dim: int, theta: float, dtype=torch.float32):
@@ -107,6 +112,48 @@ def conv_plus_skip(qk_conv_BCT: torch.Tensor, qk0: torch.Tensor, Hk: int, G: int
     return torch.add(qk_conv_BCT.transpose(1, 2).reshape(B, T, C // d, d), skip2, alpha=0.5)
 
 
+@torch.compiler.disable
+def _restart_conv_history(proj: "CCAProjection", out_BCT: torch.Tensor, u_pad: torch.Tensor, pos_BT: torch.Tensor):
+    """Document masking of the causal convs, in place on the plain conv output out [B, C, T] (u_pad: the raw
+    columns left-padded by P = t0 + t1 - 2). Composed, the two convs are affine in the raw columns, and output t reads
+    u[t - P .. t]; it differs from the document alone only where a column lies in an earlier document, i.e. at the
+    first P tokens of every document after the first. Those few outputs (~P per document) are recomputed from their
+    own window with the earlier documents' columns zeroed, as the zero pad does at t = 0 (`_decode_convolve`, the
+    decode step's arithmetic), and written over the plain ones: autograd routes their gradient through the recomputed
+    values only. Excluded from torch.compile: how many outputs change depends on the data."""
+    P = proj.conv_pad
+    start = torch.arange(pos_BT.shape[1], device=pos_BT.device) - pos_BT
+    b, t = torch.nonzero((pos_BT < P) & (start > 0), as_tuple=True)
+    if b.numel() == 0:
+        return
+    cols = t[:, None] + torch.arange(P + 1, device=t.device)  # padded index of u[t - P .. t]
+    win = u_pad.transpose(1, 2)[b[:, None], cols]  # [n, P + 1, C]
+    keep = torch.arange(P + 1, device=t.device) >= (P - pos_BT[b, t])[:, None]  # column lag P - c <= pos
+    win = (win * keep[..., None].to(win.dtype)).transpose(1, 2)  # [n, C, P + 1]
+    _OverwriteColumns.apply(out_BCT, proj._decode_convolve(win)[..., 0], b, t)
+
+
+class _OverwriteColumns(torch.autograd.Function):
+    """out[b, :, t] = vals in place ([B, C, T] <- [n, C]); backward: vals get those columns of the gradient and out
+    the gradient with them zeroed (one copy; autograd's in-place indexing through a transposed view made ~9)."""
+
+    @staticmethod
+    def forward(ctx, out, vals, b, t):
+        out.transpose(1, 2).index_put_((b, t), vals)
+        ctx.mark_dirty(out)
+        ctx.save_for_backward(b, t)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        b, t = ctx.saved_tensors
+        gv = g.transpose(1, 2)[b, t]
+        g = g.clone()
+        g.transpose(1, 2)[b, t] = 0
+        return g, gv, None, None
+
+
 class CCAProjection(nn.Module):
     """q/k/v for CCA: fused projection, packed causal convs, qk-mean skips and the delayed value path."""
 
@@ -141,8 +188,14 @@ class CCAProjection(nn.Module):
             self._fused_key = key
         return self._fused
 
-    def convolve(self, qk_BCT: torch.Tensor, conv_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Causal depthwise then head-wise conv over packed [q0|k0] channels. Returns ([B, C, T], new raw state)."""
+    def convolve(self, qk_BCT: torch.Tensor, conv_state: torch.Tensor | None,
+                 doc_pos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal depthwise then head-wise conv over packed [q0|k0] channels. Returns ([B, C, T], new raw state).
+        doc_pos: positions within documents [B, T] (document masking, `documents.DocMask`): the history restarts
+        at every document start."""
+        if doc_pos is not None and conv_state is not None:
+            raise ValueError("document masking (doc_ids) cannot continue from a conv state (cache or context "
+                             "parallelism)")
         if conv_state is not None:
             u = torch.cat([conv_state.to(qk_BCT.dtype), qk_BCT], dim=-1)
         else:
@@ -150,9 +203,10 @@ class CCAProjection(nn.Module):
         new_state = u[..., u.shape[-1] - self.conv_pad:] if self.conv_pad > 0 else u[..., :0]
         if qk_BCT.shape[-1] == 1 and conv_state is not None and not torch.is_grad_enabled():
             return self._decode_convolve(u), new_state
-        u = self.conv_qk_depthwise(u)  # length T + t1 - 1
-        u = self.conv_qk_grouped(u)  # length T
-        return u, new_state
+        out = self.conv_qk_grouped(self.conv_qk_depthwise(u))  # length T + t1 - 1, then T
+        if doc_pos is not None:
+            _restart_conv_history(self, out, u, doc_pos)
+        return out, new_state
 
     def _decode_convolve(self, u_BCL: torch.Tensor) -> torch.Tensor:
         """The same two convs for ONE new token as a few small tensor ops (a oneDNN conv call on 3 columns costs more
@@ -168,9 +222,10 @@ class CCAProjection(nn.Module):
         out = torch.einsum("hoi,bhi->bho", Wg, mid.reshape(B, H, self.d * self.t1)) + g.bias.view(H, self.d)
         return out.reshape(B, C, 1)
 
-    def forward(self, x_BTD: torch.Tensor, cache: ZayaCache | None = None, cp=None):
+    def forward(self, x_BTD: torch.Tensor, cache: ZayaCache | None = None, cp=None, doc: DocMask | None = None):
         """cp: an optional context-parallel exchanger (`zaya_lib.train.context_parallel`): this rank holds a chunk of the
-        sequence and receives the previous rank's last raw q|k columns (conv halo) and last delayed value."""
+        sequence and receives the previous rank's last raw q|k columns (conv halo) and last delayed value.
+        doc: document masking (`documents.DocMask`): conv history and delayed value restart at each document."""
         B, T, _ = x_BTD.shape
         proj = F.linear(x_BTD, self.fused_weight())
         qk0, v_cur, v_del = proj.split([self.q_dim + self.k_dim, self.v_half, self.v_half], dim=-1)
@@ -181,7 +236,7 @@ class CCAProjection(nn.Module):
             conv_state = cp.exchange_conv(self.layer_idx, qk_BCT[..., qk_BCT.shape[-1] - self.conv_pad:])
         else:
             conv_state = cache.get_conv(self.layer_idx) if cache is not None else None
-        qk_conv, new_state = self.convolve(qk_BCT, conv_state)
+        qk_conv, new_state = self.convolve(qk_BCT, conv_state, doc.position_ids if doc is not None else None)
         if cache is not None:
             cache.set_conv(self.layer_idx, new_state)
 
@@ -199,6 +254,8 @@ class CCAProjection(nn.Module):
         else:
             prev = prev.to(v_del.dtype)[:, None, :]
         v_delayed = torch.cat([prev, v_del[:, :-1]], dim=1)
+        if doc is not None:  # zero at every document start, as at t = 0
+            v_delayed = v_delayed * doc.cont[..., None].to(v_delayed.dtype)
         if cache is not None:
             cache.set_vdel(self.layer_idx, v_del[:, -1])
         v = torch.cat([v_cur, v_delayed], dim=-1).view(B, T, self.Hk, self.d)
@@ -289,10 +346,15 @@ class _BlockCausalAttention(torch.autograd.Function):
     shape); the price is keeping the probabilities for the backward, which `use_block_attention` bounds.
 
     Backward per block, with P the probabilities, dO the block's output gradient and delta = rowsum(dO * O):
-      dV[:e] += P^T dO;  dS = P * (dO V[:e]^T - delta);  dQ = scale * dS K[:e];  dK[:e] += dS^T (scale * Q)."""
+      dV[:e] += P^T dO;  dS = P * (dO V[:e]^T - delta);  dQ = scale * dS K[:e];  dK[:e] += dS^T (scale * Q).
+
+    Document masking (`doc_start` [B, T], the first position of each query's document; `key_lo` per block): block i
+    scores against keys [key_lo[i], e) only, where key_lo[i] <= every row's document start (the smallest over the
+    batch of its first row's), so the tiles where no query/key pair shares a document are skipped; inside, keys
+    before the query's document start are masked too. The formulas are unchanged (masked entries have P = 0)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale: float):
+    def forward(ctx, q, k, v, scale: float, doc_start=None, key_lo=None):
         B, Hq, T, d = q.shape
         Hk = k.shape[1]
         G = Hq // Hk
@@ -300,21 +362,28 @@ class _BlockCausalAttention(torch.autograd.Function):
         k, v = k.contiguous(), v.contiguous()  # else every block's matmul would copy its key/value prefix
         out = q.new_empty(B, T, Hk, G, d)  # [B, T, Hq, d] memory: o_proj's input layout, no copy after
         bounds = list(range(0, T, BLOCK_ROWS)) + [T]
+        lows = key_lo if doc_start is not None else [0] * (len(bounds) - 1)
         saved = []
-        for s, e in zip(bounds[:-1], bounds[1:]):
+        for s, e, lo in zip(bounds[:-1], bounds[1:], lows):
             n = e - s
             qb = q.new_empty(B, Hk, G, n, d)  # the block's queries, GQA-grouped and pre-scaled (in cache)
             qb.copy_(qt[:, s:e].unflatten(2, (Hk, G)).permute(0, 2, 3, 1, 4)).mul_(scale)
             qb = qb.view(B, Hk, G * n, d)
-            S = torch.matmul(qb, k[:, :, :e].transpose(-1, -2))  # [B, Hk, G*n, e]
-            diag = torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1)
-            S.view(B, Hk, G, n, e)[..., s:].masked_fill_(diag, float("-inf"))
+            S = torch.matmul(qb, k[:, :, lo:e].transpose(-1, -2))  # [B, Hk, G*n, e - lo]
+            if doc_start is None:
+                diag = torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1)
+                S.view(B, Hk, G, n, e - lo)[..., s:].masked_fill_(diag, float("-inf"))
+            else:  # causal and within the query's document: start(i) <= j <= i
+                kj = torch.arange(lo, e, device=q.device)
+                qi = torch.arange(s, e, device=q.device)[:, None]
+                hide = (kj > qi) | (kj < doc_start[:, s:e, None])  # [B, n, e - lo]
+                S.view(B, Hk, G, n, e - lo).masked_fill_(hide[:, None, None], float("-inf"))
             P = torch.softmax(S, dim=-1)
-            Ob = torch.matmul(P, v[:, :, :e])  # [B, Hk, G*n, d]
+            Ob = torch.matmul(P, v[:, :, lo:e])  # [B, Hk, G*n, d]
             out[:, s:e] = Ob.view(B, Hk, G, n, d).permute(0, 3, 1, 2, 4)
             saved += [qb, P, Ob]
         ctx.save_for_backward(k, v, *saved)
-        ctx.scale, ctx.bounds = scale, bounds
+        ctx.scale, ctx.bounds, ctx.lows = scale, bounds, lows
         return out.view(B, T, Hq, d).transpose(1, 2)
 
     @staticmethod
@@ -328,35 +397,61 @@ class _BlockCausalAttention(torch.autograd.Function):
         dq = k.new_empty(B, T, Hk, G, d)
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)
         bounds = ctx.bounds
-        for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+        for i, (s, e, lo) in enumerate(zip(bounds[:-1], bounds[1:], ctx.lows)):
             n = e - s
             qb, P, Ob = saved[3 * i: 3 * i + 3]
             gb = g5[:, s:e].permute(0, 2, 3, 1, 4).reshape(B, Hk, G * n, d)
             delta = (gb * Ob).sum(-1, keepdim=True)
-            dv[:, :, :e] += torch.matmul(P.transpose(-1, -2), gb)
-            dS = torch.matmul(gb, v[:, :, :e].transpose(-1, -2)).sub_(delta).mul_(P)  # masked entries: P = 0
-            dq[:, s:e] = torch.matmul(dS, k[:, :, :e]).view(B, Hk, G, n, d).permute(0, 3, 1, 2, 4)
-            dk[:, :, :e] += torch.matmul(dS.transpose(-1, -2), qb)
-        return dq.view(B, T, Hq, d).transpose(1, 2).mul_(ctx.scale), dk, dv, None
+            dv[:, :, lo:e] += torch.matmul(P.transpose(-1, -2), gb)
+            dS = torch.matmul(gb, v[:, :, lo:e].transpose(-1, -2)).sub_(delta).mul_(P)  # masked entries: P = 0
+            dq[:, s:e] = torch.matmul(dS, k[:, :, lo:e]).view(B, Hk, G, n, d).permute(0, 3, 1, 2, 4)
+            dk[:, :, lo:e] += torch.matmul(dS.transpose(-1, -2), qb)
+        return dq.view(B, T, Hq, d).transpose(1, 2).mul_(ctx.scale), dk, dv, None, None, None
 
 
-def use_block_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
+def _block_path_applies(q: torch.Tensor, k: torch.Tensor) -> bool:
+    return q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and needs_autograd(q, k)
+
+
+def use_block_attention(q: torch.Tensor, k: torch.Tensor, key_lo: list[int] | None = None) -> bool:
     """The block path pays on CPU, in fp32/fp64, when training (autograd on; compiled or not), and when the kept
-    probabilities fit BLOCK_ATTN_MAX_BYTES; SDPA otherwise."""
-    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64):
-        return False
-    if not needs_autograd(q, k):
+    probabilities fit BLOCK_ATTN_MAX_BYTES; SDPA otherwise. key_lo: the first key of each query block (document
+    masking), else 0."""
+    if not _block_path_applies(q, k):
         return False
     B, Hq, T, _ = q.shape
-    nb = -(-T // BLOCK_ROWS)
-    rows = min(T, BLOCK_ROWS)
-    kept = B * Hq * rows * rows * nb * (nb + 1) // 2 * q.element_size()  # sum over blocks of rows x keys so far
+    if key_lo is None:
+        nb = -(-T // BLOCK_ROWS)
+        rows = min(T, BLOCK_ROWS)
+        keys = rows * nb * (nb + 1) // 2  # sum over blocks of keys so far
+    else:
+        keys = sum(min(s + BLOCK_ROWS, T) - lo for s, lo in zip(range(0, T, BLOCK_ROWS), key_lo))
+    kept = B * Hq * min(T, BLOCK_ROWS) * keys * q.element_size()
     return kept <= BLOCK_ATTN_MAX_BYTES
 
 
 def block_causal_attention(q, k, v, scale: float) -> torch.Tensor:
     """softmax(q k^T * scale + causal) v for q [B, Hq, T, d] and k, v [B, Hk, T, d] (GQA); see _BlockCausalAttention."""
     return _BlockCausalAttention.apply(q, k, v, scale)
+
+
+def block_key_starts(doc_start: torch.Tensor) -> list[int]:
+    """First key each `BLOCK_ROWS` query block needs under document masking: the smallest document start of the
+    block's first row over the batch (starts never decrease along a row). One host sync."""
+    return doc_start[:, ::BLOCK_ROWS].amin(dim=0).tolist()
+
+
+@torch.compiler.disable
+def doc_block_attention(q, k, v, scale: float, doc_start: torch.Tensor) -> torch.Tensor:
+    """Causal attention kept within documents (q [B, Hq, T, d], k, v [B, Hk, T, d]; doc_start [B, T], see
+    `documents.DocMask`) for CPU training: the block path skipping the cross-document tiles when its kept
+    probabilities fit BLOCK_ATTN_MAX_BYTES, else SDPA with the block-diagonal causal mask. Excluded from
+    torch.compile: which tiles run depends on the data (compiled, the graph breaks around it)."""
+    lo = block_key_starts(doc_start)
+    if use_block_attention(q, k, lo):
+        return _BlockCausalAttention.apply(q, k, v, scale, doc_start, lo)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=doc_attn_mask(doc_start), scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 class CCAttention(nn.Module):
@@ -372,11 +467,31 @@ class CCAttention(nn.Module):
         self.qk_norm = QKNorm(config)
         self.o_proj = nn.Linear(self.Hq * self.d, config.hidden_size, bias=False)
 
-    def forward(self, x_BTD, cos, sin, attn_mask=None, cache: ZayaCache | None = None, cp=None):
+    def forward(self, x_BTD, cos, sin, attn_mask=None, cache: ZayaCache | None = None, cp=None,
+                doc: DocMask | None = None):
         """attn_mask: None (plain causal over the new tokens, no cache) or a bool [B, 1, T, S] (True = attend).
-        cp: context parallelism; K/V are all-gathered in compressed form and the causal mask is offset by cp."""
+        cp: context parallelism; K/V are all-gathered in compressed form and the causal mask is offset by cp.
+        doc: document masking of packed windows (`documents.DocMask`; no attn_mask, cache or cp with it)."""
         B, T, _ = x_BTD.shape
         use_triton = self.config.attn_impl == "triton" and cp is None
+        if doc is not None:
+            if attn_mask is not None or cache is not None or cp is not None:
+                raise ValueError("document masking (doc_ids) excludes attention_mask padding, a cache and context "
+                                 "parallelism")
+            if use_triton:
+                from zaya_kernels import latent_attention
+
+                q, k, v = self._triton_qkv(x_BTD, cos, sin, doc)
+                out = latent_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scaling,
+                                       doc_start=doc.start)
+            else:
+                q, k, v = self._qkv(x_BTD, cos, sin, None, None, doc)
+                if _block_path_applies(q, k):
+                    out = doc_block_attention(q, k, v, self.scaling, doc.start)
+                else:
+                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=doc.attn_mask(), scale=self.scaling,
+                                                         enable_gqa=self.Hq != self.Hk)
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, self.Hq * self.d))
         if cp is not None:
             q, k, v = self._qkv(x_BTD, cos, sin, None, cp)
             k, v = cp.gather_kv(self.layer_idx, k, v)  # [B, Hk, S_total, d]
@@ -403,14 +518,14 @@ class CCAttention(nn.Module):
             )
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.Hq * self.d))
 
-    def _qkv(self, x_BTD, cos, sin, cache, cp):
+    def _qkv(self, x_BTD, cos, sin, cache, cp, doc=None):
         """Eager path: q [B, Hq, T, d], k and v [B, Hk, T, d] (post norm, temperature and RoPE)."""
-        qk, v = self.qkv_proj(x_BTD, cache, cp)
+        qk, v = self.qkv_proj(x_BTD, cache, cp, doc)
         qk = qk_norm_rope(qk, self.qk_norm, self.Hq, cos, sin).transpose(1, 2)
         q, k = qk.split([self.Hq, self.Hk], dim=1)
         return q, k, v.transpose(1, 2)
 
-    def _triton_qkv(self, x_BTD, cos, sin):
+    def _triton_qkv(self, x_BTD, cos, sin, doc: DocMask | None = None):
         """The fused Triton path: one kernel for convs + qk-mean + QK-norm + temperature + RoPE."""
         from zaya_kernels import cca_qk_prep
 
@@ -418,7 +533,10 @@ class CCAttention(nn.Module):
         proj = F.linear(x_BTD, p.fused_weight())
         qk, v_cur, v_del = proj.split([p.q_dim + p.k_dim, p.v_half, p.v_half], dim=-1)
         q, k = cca_qk_prep(qk, p.conv_qk_depthwise.weight, p.conv_qk_depthwise.bias, p.conv_qk_grouped.weight,
-                           p.conv_qk_grouped.bias, self.qk_norm.temp, cos, sin, self.Hq, self.Hk, self.d)
+                           p.conv_qk_grouped.bias, self.qk_norm.temp, cos, sin, self.Hq, self.Hk, self.d,
+                           **({"doc_pos": doc.position_ids} if doc is not None else {}))
         v_delayed = F.pad(v_del, (0, 0, 1, 0))[:, :-1]
+        if doc is not None:
+            v_delayed = v_delayed * doc.cont[..., None].to(v_delayed.dtype)
         v = torch.cat([v_cur, v_delayed], dim=-1).view(*x_BTD.shape[:2], self.Hk, self.d)
         return q, k, v

@@ -10,6 +10,8 @@ Notable features:
 - Left padding: pad tokens are zeroed before the q/k/v projections (no leak through the convs or the value delay),
   positions restart at the first real token, and pad keys are masked; a left-padded row gets the same logits as
   the same sequence alone.
+- Document masking (`doc_ids=`): every document of a packed training window computed as if alone (attention, conv
+  history, delayed value, positions; `documents.py`); absent, the model behaves as without it.
 - Cached decoding through `ZayaCache` (compressed K/V + conv and delayed-value states); prefill followed by token-by-token
   decode reproduces a full forward.
 - Training features the reference lacks: the balancing-bias optimizer (`update_balancing_biases`), routing statistics
@@ -30,6 +32,7 @@ from transformers.modeling_outputs import ModelOutput
 from ..config import ZayaConfig
 from .attention import CCAttention, rope_cos_sin
 from .cache import ZayaCache
+from .documents import DocMask
 from .fused_ops import residual_scale
 from .moe import BalancingBiasOptimizer, MoEBlock, RMSNorm, Router
 
@@ -75,12 +78,12 @@ class ZayaDecoderLayer(nn.Module):
         self.mlp = MoEBlock(config, layer_idx)
         self.post_mlp_residual_scale = ResidualScaling(config.hidden_size)
 
-    def forward(self, x, r_prev, cos, sin, attn_mask, cache, pad_mask, cp=None):
+    def forward(self, x, r_prev, cos, sin, attn_mask, cache, pad_mask, cp=None, doc=None):
         dtype = self.input_layernorm.weight.dtype
         h = self.input_layernorm(x.to(dtype))
         if pad_mask is not None:
             h = h * pad_mask  # zero pad tokens before the CCA projections (convs and value delay see zeros)
-        a = self.self_attn(h, cos, sin, attn_mask, cache, cp)
+        a = self.self_attn(h, cos, sin, attn_mask, cache, cp, doc)
         x = self.post_attention_residual_scale(a.float(), x)
         m, r = self.mlp(self.post_attention_layernorm(x.to(dtype)), r_prev)
         x = self.post_mlp_residual_scale(m.float(), x)
@@ -158,9 +161,12 @@ class ZayaModel(ZayaPreTrainedModel):
         self.embed_tokens = value
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=False, cp=None, **kwargs) -> ZayaModelOutput:
+                inputs_embeds=None, use_cache=False, cp=None, doc_ids=None, **kwargs) -> ZayaModelOutput:
         """cp: optional context parallelism (`zaya_lib.train.context_parallel.ContextParallel`): this rank's chunk of
-        the sequence; pass global `position_ids`. No padding or cache with cp."""
+        the sequence; pass global `position_ids`. No padding or cache with cp.
+        doc_ids: optional [B, T] document ids of packed windows (a document = a maximal run of equal ids): every
+        document is computed as if alone (`documents.DocMask`; positions restart at each document unless
+        `position_ids` are given). Training only: no attention_mask, cache or cp with it."""
         cfg = self.config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -192,8 +198,18 @@ class ZayaModel(ZayaPreTrainedModel):
 
         if cp is not None and (am is not None or cache is not None):
             raise ValueError("context parallelism supports neither attention_mask padding nor a decode cache")
+        doc = None
+        if doc_ids is not None:
+            if doc_ids.shape != (B, T):
+                raise ValueError(f"doc_ids must be [batch, seq] = [{B}, {T}], got {tuple(doc_ids.shape)}")
+            if am is not None or cache is not None or use_cache or cp is not None:
+                raise ValueError("doc_ids (document masking of packed windows) excludes attention_mask padding, a "
+                                 "decode cache and context parallelism")
+            doc = DocMask(doc_ids.to(dev))
         if position_ids is None:
-            if cp is not None:
+            if doc is not None:
+                position_ids = doc.position_ids
+            elif cp is not None:
                 position_ids = torch.arange(cp.offset(T), cp.offset(T) + T, device=dev)[None].expand(B, T)
             elif am is not None:  # positions restart at each row's first real token (left padding)
                 position_ids = (am.long().cumsum(-1) - 1).clamp_min(0)[:, past:]
@@ -220,7 +236,7 @@ class ZayaModel(ZayaPreTrainedModel):
         x = ((inputs_embeds + self.input_hidden_states_bias) * self.input_hidden_states_scale).float()
         r = None
         for layer in self.layers:
-            x, r = layer(x, r, cos, sin, attn_mask, cache, pad_mask, cp)
+            x, r = layer(x, r, cos, sin, attn_mask, cache, pad_mask, cp, doc)
         h = self.norm(x.to(self.norm.weight.dtype))
         return ZayaModelOutput(last_hidden_state=h, past_key_values=cache if use_cache else None)
 
@@ -272,10 +288,11 @@ class ZayaForCausalLM(ZayaPreTrainedModel, GenerationMixin):
                 **kwargs) -> ZayaOutput:
         """HF semantics, plus `targets` [B, T]: next-token ids already aligned with the inputs (-100 = no target);
         the output then carries fp32 per-token losses in `token_losses` from the fused head + cross-entropy, and no
-        logits (the project trainer's path; `labels` keep the HF meaning: shifted here, mean loss, logits kept)."""
+        logits (the project trainer's path; `labels` keep the HF meaning: shifted here, mean loss, logits kept).
+        `doc_ids=` [B, T] (keyword): document masking of packed windows, see `ZayaModel.forward`."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                         cp=kwargs.get("cp"))
+                         cp=kwargs.get("cp"), doc_ids=kwargs.get("doc_ids"))
         h = out.last_hidden_state
         if targets is not None:
             if labels is not None or logits_to_keep:
@@ -293,6 +310,8 @@ class ZayaForCausalLM(ZayaPreTrainedModel, GenerationMixin):
         logits = self.lm_head(h)
         loss = None
         if labels is not None:
+            if kwargs.get("doc_ids") is not None:  # no target across documents: a document's first token has none
+                labels = labels.masked_fill(~DocMask(kwargs["doc_ids"]).cont.to(labels.device), -100)
             loss = causal_lm_loss(logits, labels, kwargs.get("num_items_in_batch"))
         return ZayaOutput(loss=loss, logits=logits, past_key_values=out.past_key_values)
 

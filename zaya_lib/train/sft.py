@@ -14,9 +14,10 @@ Notable features:
   split across windows.
 - Windows are W + 1 = `seq_len + 1` tokens: inputs are the first W and targets the last W (the trainer's [N, T+1]
   convention), so a sample can use the whole window and every target has its input context.
-- Samples in a window share one causal attention span with continuous positions (as in pretraining packing; each
-  sample opens with `<bos>`, and no loss ever crosses a sample boundary since a sample's first token carries no
-  target). The model has no per-document attention mask yet (see the helper's report).
+- Document masking (`sft_doc_mask`, default on; `TrainConfig.doc_mask`): each sample of a window is computed as if
+  alone: attention stays within the sample, the CCA conv history and delayed value restart at its first token, and
+  its RoPE positions start at 0 (`zaya_lib.model.documents`). No loss ever crosses a sample boundary either way (a
+  sample's first token, `<bos>`, carries no target). Off, samples share one causal span with continuous positions.
 - Aggregation data at a ratio from params: expert-aggregation (C candidates from the programmatic solver, each
   right with probability p or carrying one realistic mistake) and self-aggregation (C candidates sampled from the
   current checkpoint with the generation engine; an on-policy correct candidate becomes the target when there is one).
@@ -223,7 +224,7 @@ def pack_sft_data(samples_by_category: dict[str, Sequence[Sample]], seq_len: int
             category[w, start:end] = flat[order[i]][1]
             spans[j] = (start, end, order[i])  # index into the input order (categories concatenated), not the shuffle
     data = TrainData(tokens_NT1=packed.input_ids, category_NT1=category, categories=list(SFT_CATEGORIES),
-                     loss_mask_NT1=packed.loss_mask)
+                     loss_mask_NT1=packed.loss_mask, doc_ids_NT1=packed.doc_ids)
     return data, packed
 
 
@@ -256,7 +257,8 @@ def run_sft(init_dir: str | os.PathLike, train_data: TrainData, out_dir: str | o
     hist = train(model, train_data, cfg, metrics_path=metrics_path, resume=False)
     wall = time.perf_counter() - t0
     info = {"init": str(init_dir), "rope_theta_before": theta_before, "rope_theta": rope_theta,
-            "seq_len": train_data.seq_len, "steps": cfg.steps, "batch_size": cfg.batch_size, "train_wall_s": wall,
+            "seq_len": train_data.seq_len, "steps": cfg.steps, "batch_size": cfg.batch_size, "doc_mask": cfg.doc_mask,
+            "train_wall_s": wall,
             "final_loss": hist[-1]["loss"]}
     save_hf_checkpoint(model, tok, out_dir, extra_files={"sft_info.json": json.dumps(info, indent=2) + "\n"})
     return model, hist, wall
@@ -296,7 +298,8 @@ def train_noagg_variant(run_dir: str | os.PathLike, sft_params: dict, device="cp
     data, packed = pack_sft_data(plain, p["sft_seq_len"], pad_id=tok.pad_token_id, seed=p["seed"])
     cfg = TrainConfig(steps=p["sft_steps"], batch_size=p["sft_batch_size"], lr=p["sft_lr"],
                       warmup_steps=p["sft_warmup_steps"], log_every=max(1, p["sft_steps"] // 20), seed=p["seed"],
-                      device=str(device), dtype=dtype, desc=out_name)
+                      device=str(device), dtype=dtype, desc=out_name,
+                      doc_mask=p.get("sft_doc_mask", False))  # absent from metrics written before the option: off
     model, hist, wall = run_sft(run / "checkpoints" / p["sft_init_phase"], data, run / "checkpoints" / out_name,
                                 p["sft_rope_theta"], cfg, run / "metrics" / f"05_{out_name}_train.jsonl")
     return model, hist, wall, len(packed)

@@ -4,8 +4,12 @@ Shape legend: N windows, T context, B global batch rows, b rows on this rank, V 
 
 Notable features:
 - Data is a `TrainData`: packed windows [N, T+1] (inputs [:, :-1], labels [:, 1:]), the category of every token
-  (loss per category) and an optional loss mask. Batch s is a pure function of (seed, s): rows s*B .. s*B+B-1 of a
-  chain of seeded per-epoch permutations. The data position is therefore just the step; nothing to replay.
+  (loss per category), an optional loss mask and the document of every token. Batch s is a pure function of
+  (seed, s): rows s*B .. s*B+B-1 of a chain of seeded per-epoch permutations. The data position is therefore just
+  the step; nothing to replay.
+- Document masking (`TrainConfig.doc_mask`): every document of a window is computed as if alone
+  (`zaya_lib.model.documents`: attention, conv history and value delay restart at each document, positions too) and
+  no target crosses a document boundary.
 - Muon + ExpertMuon + AdamW (`optim.py`) with a warmup-stable-decay schedule, gradient clipping, fp32 on the CPU and
   bf16 autocast on a GPU (weights, optimizer states and the residual stream stay fp32).
 - The loss is the sum of token cross-entropies divided by the GLOBAL number of target tokens of the step, so
@@ -54,12 +58,14 @@ __all__ = ["TrainData", "TrainConfig", "train", "encode_for_training", "build_tr
 @dataclass
 class TrainData:
     """Packed training windows. `category_NT1[i, t]` is the category index of token t (a label's category is that of
-    the token it predicts); `loss_mask_NT1` (optional) is 1 where a token is a training target."""
+    the token it predicts); `loss_mask_NT1` (optional) is 1 where a token is a training target; `doc_ids_NT1`
+    (optional) identifies the document of every token (a document = a run of equal ids; `TrainConfig.doc_mask`)."""
 
     tokens_NT1: torch.Tensor
     category_NT1: torch.Tensor
     categories: list[str]
     loss_mask_NT1: torch.Tensor | None = None
+    doc_ids_NT1: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.tokens_NT1.ndim != 2 or self.tokens_NT1.shape[1] < 2:
@@ -69,6 +75,8 @@ class TrainData:
                              f"{tuple(self.tokens_NT1.shape)}")
         if self.loss_mask_NT1 is not None and self.loss_mask_NT1.shape != self.tokens_NT1.shape:
             raise ValueError(f"loss_mask_NT1 {tuple(self.loss_mask_NT1.shape)} must match tokens_NT1")
+        if self.doc_ids_NT1 is not None and self.doc_ids_NT1.shape != self.tokens_NT1.shape:
+            raise ValueError(f"doc_ids_NT1 {tuple(self.doc_ids_NT1.shape)} must match tokens_NT1")
         if len(self.tokens_NT1) and int(self.category_NT1.max()) >= len(self.categories):
             raise ValueError(f"category index {int(self.category_NT1.max())} >= {len(self.categories)} categories")
 
@@ -83,7 +91,8 @@ class TrainData:
     def from_documents(cls, docs: Sequence[Sequence[int]], doc_categories: Sequence[str], seq_len: int,
                        categories: Sequence[str] | None = None) -> "TrainData":
         """Concatenate tokenised documents (`<bos>...<eos>` or trimmed chats) in the given order and cut windows of
-        T+1 tokens with stride T (`zaya_lib.data.packing.pack_pretraining`); categories are packed the same way."""
+        T+1 tokens with stride T (`zaya_lib.data.packing.pack_pretraining`); categories and document indices (for
+        `TrainConfig.doc_mask`) are packed the same way."""
         from ..data.packing import pack_pretraining
 
         if len(docs) != len(doc_categories):
@@ -95,7 +104,8 @@ class TrainData:
         index = {c: i for i, c in enumerate(cats)}
         packed = pack_pretraining(docs, seq_len)
         cat_packed = pack_pretraining([[index[c]] * len(d) for d, c in zip(docs, doc_categories)], seq_len)
-        return cls(packed.tokens_NT1, cat_packed.tokens_NT1, cats)
+        doc_packed = pack_pretraining([[i] * len(d) for i, d in enumerate(docs)], seq_len)
+        return cls(packed.tokens_NT1, cat_packed.tokens_NT1, cats, doc_ids_NT1=doc_packed.tokens_NT1)
 
     def tokens_per_category(self) -> dict[str, int]:
         counts = torch.bincount(self.category_NT1[:, 1:].reshape(-1), minlength=len(self.categories))
@@ -184,6 +194,8 @@ class TrainConfig:
     compile: bool = False           # torch.compile the model's forward+backward (all but the expert GEMM block, whose
                                     # shapes change every step): `make bench` step 1.28-1.37x transformers' (eager:
                                     # 1.16-1.29x, median 1.28x) after a 10-46 s first step; for long runs, not the tiny phases
+    doc_mask: bool = False          # every document of a packed window computed as if alone (needs
+                                    # TrainData.doc_ids_NT1; params sft_doc_mask, default on; pretrain_doc_mask, off)
     desc: str = "train"
 
     def validate(self, seq_len: int | None = None, world_size: int = 1) -> None:
@@ -204,6 +216,8 @@ class TrainConfig:
              f"world size {world_size} is not a multiple of cp_world_size {self.cp_world_size}")
         dp = world_size // self.cp_world_size
         need(self.batch_size % dp == 0, f"batch_size {self.batch_size} is not divisible by {dp} data-parallel ranks")
+        need(not (self.doc_mask and self.cp_world_size > 1),
+             "doc_mask (document masking) is not implemented with context parallelism (cp_world_size > 1)")
         if seq_len is not None:
             need(seq_len % self.cp_world_size == 0,
                  f"context {seq_len} is not divisible by cp_world_size {self.cp_world_size}")
@@ -316,10 +330,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 # the loop
 
 
-def _token_losses(model, inputs_bT, labels_bT, position_ids, cp) -> torch.Tensor:
+def _token_losses(model, inputs_bT, labels_bT, position_ids, cp, doc_ids=None) -> torch.Tensor:
     """Per-token cross entropy [b, T] in fp32 (labels already aligned with inputs; -100 = no target), through the
     model's fused head + cross-entropy (`targets=`; no [b, T, V] logits leave the model)."""
     kw = {"cp": cp, "position_ids": position_ids} if cp is not None else {}
+    if doc_ids is not None:
+        kw["doc_ids"] = doc_ids
     return model(input_ids=inputs_bT, targets=labels_bT, **kw).token_losses
 
 
@@ -341,6 +357,9 @@ def train(model, data: TrainData, cfg: TrainConfig, ckpt_dir: str | os.PathLike 
     """
     info = dist_utils.current()
     cfg.validate(data.seq_len, info.world_size)
+    if cfg.doc_mask and data.doc_ids_NT1 is None:
+        raise ValueError("invalid TrainConfig: doc_mask needs the documents of the windows (TrainData.doc_ids_NT1, "
+                         "set by TrainData.from_documents and pack_sft_data)")
     dev = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     model.to(dev)
@@ -399,10 +418,14 @@ def train(model, data: TrainData, cfg: TrainConfig, ckpt_dir: str | os.PathLike 
         labels = tok[:, 1:].clone()
         if data.loss_mask_NT1 is not None:
             labels[data.loss_mask_NT1[rows][:, 1:] == 0] = -100
+        docs = data.doc_ids_NT1[rows] if cfg.doc_mask else None
+        if docs is not None:  # as if alone: a document's first token has no target (nothing before it)
+            labels[docs[:, 1:] != docs[:, :-1]] = -100
         n_targets = int((labels != -100).sum())  # over the GLOBAL batch: every rank computes the same number
         cats = data.category_NT1[rows][:, 1:]
         mine = slice(dp_rank, None, dp_size)  # this data-parallel rank's rows of the global batch
         inp_l, lab_l, cat_l = tok[mine, :-1], labels[mine], cats[mine]
+        doc_l = docs[mine, :-1] if docs is not None else None
         pos = None
         if cp is not None:  # contiguous chunk of every sequence on this context rank
             chunk = T // cfg.cp_world_size
@@ -420,7 +443,8 @@ def train(model, data: TrainData, cfg: TrainConfig, ckpt_dir: str | os.PathLike 
             x, y, c = inp_l[s].to(dev), lab_l[s].to(dev), cat_l[s]
             with dist_utils.no_sync_unless(wrapped, last=m == n_micro - 1):
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
-                    tl = _token_losses(forward, x, y, pos[s] if pos is not None else None, cp)
+                    tl = _token_losses(forward, x, y, pos[s] if pos is not None else None, cp,
+                                       doc_l[s].to(dev) if doc_l is not None else None)
                 (tl.sum() * scale).backward()
             with torch.no_grad():
                 valid = (y != -100).cpu()
@@ -451,7 +475,7 @@ def train(model, data: TrainData, cfg: TrainConfig, ckpt_dir: str | os.PathLike 
                    "loss_per_category": {cat: (float(loss_sum_K[i] / count_K[i]) if count_K[i] > 0 else None)
                                          for i, cat in enumerate(data.categories)},
                    "lr": opt.param_groups[0]["lr"], "grad_norm": float(gnorm),
-                   "tokens_per_s": (tokens_seen - tokens_last) / max(now - t_last, 1e-9),
+                   "tokens_per_s": (tokens_seen - tokens_last) / max(now - t_last, 1e-9), "doc_mask": cfg.doc_mask,
                    **_routing_summary(stats)}
             t_last, tokens_last = now, tokens_seen
             history.append(rec)
