@@ -10,19 +10,63 @@ without one: `TRITON_INTERPRET=0 python -m zaya_kernels.aot_check`).
 
 Without a CUDA device the kernels can only run in Triton's CPU interpreter, which must be switched on before any
 `@triton.jit` decoration. So, on a machine with no CUDA, importing this package sets TRITON_INTERPRET=1 unless the
-variable is already set (environment.md §2). Relative imports only: the package works under any import name.
+variable is already set (environment.md §2). Relative imports only: the package works under any import name but one.
+
+That one is `kernels`. Whenever the repository root is on sys.path (pytest, `python -m` or a notebook started at the
+root) Python finds this folder as the top-level package `kernels`, ahead of the installed PyPI package of that name,
+which transformers >= 5.24 requires and imports. So, imported as `kernels`, this file steps aside before anything
+else runs: it loads the next `kernels` on sys.path in its place (sys.modules["kernels"] becomes that package), or,
+when none is installed, stays an empty module without a file or version, as a namespace package would, which
+transformers reads as "not installed" (tests/test_import_shadowing.py checks both, from the root and elsewhere).
 """
-import os
+if __name__ == "kernels":  # reached through the repository root on sys.path; not our import name
+    def _step_aside() -> bool:
+        """Load the next `kernels` on sys.path that is not this folder (or another checkout of it) as
+        sys.modules["kernels"]; False if there is none."""
+        import importlib.machinery
+        import importlib.util
+        import os
+        import sys
 
-import torch
+        path = list(sys.path)
+        while True:
+            spec = importlib.machinery.PathFinder.find_spec("kernels", path)
+            if spec is None:
+                return False
+            found = os.path.dirname(spec.origin or "")
+            if not (os.path.isfile(os.path.join(found, "aot_check.py")) and os.path.isdir(os.path.join(found, "cca_qk"))):
+                break
+            found = os.path.realpath(found)  # this folder (or a copy of it): leave its parent out and look again
+            rest = [p for p in path if os.path.realpath(os.path.join(p or os.curdir, "kernels")) != found]
+            if len(rest) == len(path):
+                return False
+            path = rest
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["kernels"] = module  # the import system returns what sys.modules holds once this file has run
+        try:
+            if spec.loader is not None:
+                spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules["kernels"]
+            raise
+        return True
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    if not _step_aside():  # no other `kernels` installed: look like the namespace package an __init__-less folder is
+        del __file__
+        __path__ = []
+    del _step_aside
+else:
+    import os
 
-from .cca_qk import cca_qk_prep, cca_qk_prep_ref  # noqa: E402
-from .latent_attention import (latent_attention, latent_attention_decode, latent_attention_decode_ref,  # noqa: E402
-                               latent_attention_ref)
-from .moe_experts import moe_experts, moe_experts_ref  # noqa: E402
+    import torch
 
-__all__ = ["cca_qk_prep", "cca_qk_prep_ref", "latent_attention", "latent_attention_decode", "latent_attention_ref",
-           "latent_attention_decode_ref", "moe_experts", "moe_experts_ref"]
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+    from .cca_qk import cca_qk_prep, cca_qk_prep_ref
+    from .latent_attention import (latent_attention, latent_attention_decode, latent_attention_decode_ref,
+                                   latent_attention_ref)
+    from .moe_experts import moe_experts, moe_experts_ref
+
+    __all__ = ["cca_qk_prep", "cca_qk_prep_ref", "latent_attention", "latent_attention_decode", "latent_attention_ref",
+               "latent_attention_decode_ref", "moe_experts", "moe_experts_ref"]

@@ -36,6 +36,19 @@ def test_web_is_english_prose(corpora):
     assert len({s.split(":")[0] for s in corpora["web"]["source"]}) >= 3  # several kinds of source mixed
 
 
+def test_web_does_not_depend_on_installed_packages(monkeypatch):
+    """The first ~1,100 web documents come from the Python installation alone (reference manual, stdlib text files and
+    docstrings), so no installed package can change them; only past those does the corpus read the pinned packages'
+    docstrings (`_DOC_PACKAGES`), and never anything else installed."""
+    from zaya_lib.data import corpora as C
+
+    assert C._DOC_PACKAGES == ("torch", "numpy", "sympy")
+    head = web_corpus(600, seed=5)
+    assert not any(s.startswith("pkg-") for s in head["source"])
+    monkeypatch.setattr(C, "_package_files", lambda: ())  # as if no package were installed at all
+    assert web_corpus(600, seed=5)["text"] == head["text"]
+
+
 def test_code_is_python(corpora):
     import ast
     texts = corpora["code"]["text"]

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from zaya_lib.config import ZayaConfig, get_config
 from zaya_lib.model import ZayaCache, ZayaForCausalLM
+from zaya_lib.model.modeling import CACHE_NAME
 from zaya_lib.model.checkpoint import (convert_hf_to_original, convert_original_to_hf, load_checkpoint,
                                        load_state_dict_checked, to_hf_reference)
 
@@ -58,11 +59,11 @@ def test_cached_decoding_matches_transformers(pair):
     ours_cache, ref_cache = ZayaCache(ours.config.num_hidden_layers), DynamicCache(config=ref.config)
     with torch.no_grad():
         a = ours(ids[:, :8], past_key_values=ours_cache, use_cache=True).logits
-        b = ref(ids[:, :8], past_key_values=ref_cache, use_cache=True).logits
+        b = ref(ids[:, :8], use_cache=True, **{CACHE_NAME: ref_cache}).logits
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
         for t in range(8, 20):
             a = ours(ids[:, t:t + 1], past_key_values=ours_cache, use_cache=True).logits
-            b = ref(ids[:, t:t + 1], past_key_values=ref_cache, use_cache=True).logits
+            b = ref(ids[:, t:t + 1], use_cache=True, **{CACHE_NAME: ref_cache}).logits
             torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
 
 

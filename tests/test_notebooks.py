@@ -62,6 +62,9 @@ def test_notebook_runs_headless_with_smoke(stem, smoke_outputs):
     nb = json.loads(executed.read_text())
     errors = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", []) if o["output_type"] == "error"]
     assert not errors
+    # ipywidgets is a dependency: tqdm renders widgets in a kernel instead of warning "IProgress not found"
+    texts = [o.get("text", "") for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]
+    assert not [t for t in texts if "TqdmWarning" in "".join(t)], f"{stem}: a TqdmWarning in the executed notebook"
     # smoke means seconds per notebook; 180 s leaves room for a loaded 2-core machine and kernel start-up
     assert row["seconds"] < 180, f"{stem} took {row['seconds']} s under params/smoke.yaml"
 

@@ -56,3 +56,36 @@ def test_two_grpo_steps_with_lora(tokenizer, tmp_path):
     assert lora_b and any(p.abs().max() > 0 for p in lora_b)  # lora_B starts at zero; it moved
     base = [p for n, p in peft_model.named_parameters() if "lora_" not in n]
     assert all(not p.requires_grad for p in base)
+
+
+def test_grpo_rollouts_decode_from_the_cache(tokenizer, tmp_path):
+    """TRL's rollouts (GRPOTrainer -> model.generate) prefill once and then feed one token per step. With the cache lost
+    (transformers >= 5.24 renamed it, see test_generate_cache.py) every step would re-read the whole prefix."""
+    torch.manual_seed(0)
+    cfg = get_config("debug", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = ZayaForCausalLM(cfg)
+    calls: list[tuple[int, list[int]]] = []  # (prompt length, forward input lengths) per generate() call
+    generate, inside = model.generate, []
+
+    def counting_generate(*args, **kwargs):
+        calls.append((kwargs["input_ids"].shape[1], []))
+        inside.append(True)
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            inside.pop()
+
+    def record(module, args, kwargs):
+        if inside:  # only the forwards of a rollout, not TRL's log-prob and training forwards
+            calls[-1][1].append(int(kwargs["input_ids"].shape[1]))
+
+    model.generate = counting_generate
+    hook = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        _grpo(model, tokenizer, tmp_path, steps=1)
+    finally:
+        hook.remove()
+    assert calls
+    for P, lengths in calls:
+        assert lengths[0] == P and len(lengths) >= 2 and set(lengths[1:]) == {1}, (P, lengths)

@@ -23,7 +23,7 @@ class ZayaConfig(PretrainedConfig):
     """ZAYA1 ("MoE++") configuration. Symbols follow the technical report and `shared/spec/architecture.md`."""
 
     model_type = "zaya"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]  # the cache under both its names
 
     def __init__(
         self,

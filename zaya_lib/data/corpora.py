@@ -2,9 +2,13 @@
 
 Notable features:
 - Four categories, built from what is on the machine (nothing is downloaded; issue 4):
-  "web"      English prose: `pydoc_data.topics` (the Python reference manual), the README/long descriptions and
-             license texts in the installed packages' `*.dist-info`, and stdlib docstrings (read with `ast`, never
-             imported: importing arbitrary stdlib modules has side effects, e.g. `antigravity` opens a browser).
+  "web"      English prose from the Python installation: `pydoc_data.topics` (the Python reference manual), the
+             standard library's text files (LICENSE, idlelib's README/NEWS/help) and stdlib docstrings (read as text,
+             never imported: importing arbitrary stdlib modules has side effects, e.g. `antigravity` opens a browser);
+             past those (~1,170 documents) the docstrings of three fixed dependencies, `_DOC_PACKAGES` (torch, numpy,
+             sympy; pinned by constraints.txt). Nothing else installed is read, so installing or upgrading other
+             packages changes no document (it once sampled every package's README and license: a different package
+             set changed the sample and flipped a content test).
   "code"     Python source of the standard library (tests excluded), cut at blank lines.
   "math"     reasoning tasks (`tasks.py`) rendered as chats with their compact chain of thought.
   "instruct" instruction-formatted dialogues: task questions under varied instructions, simple verifiable
@@ -13,7 +17,7 @@ Notable features:
   {role, content}; empty for web/code) and `answer` (gold answer or ""). `text` never contains `<bos>`/`<eos>`:
   pretraining wraps every document as `<bos>{text}<eos>`; chats are `<|user|>..<|end|><|assistant|>..<|end|>` and SFT
   encodes `messages` with `tokenizer.encode_messages` for the assistant mask.
-- Deterministic given (n, seed) on a given installation; fast (stdlib files are parsed lazily, only as many as
+- Deterministic given (n, seed) and the Python version (and, beyond the stdlib's prose, the pinned packages); fast (stdlib files are parsed lazily, only as many as
   needed); nothing is cached on disk.
 - `load_openmathreasoning` / `load_rstar_coder` map the public schemas (nvidia/OpenMathReasoning: `problem`,
   `generated_solution`, `expected_answer`, `inference_mode`, ...; microsoft/rStar-Coder: `question`, `response`,
@@ -21,7 +25,7 @@ Notable features:
 """
 from __future__ import annotations
 
-import email
+import importlib.util
 import inspect
 import os
 import random
@@ -136,43 +140,34 @@ def _stdlib_files() -> tuple[Path, ...]:
     return _py_files(Path(sysconfig.get_paths()["stdlib"]))
 
 
+# Packages whose docstrings extend the web corpus once the standard library's prose is used up: fixed (never "whatever
+# is installed"), pinned by constraints.txt, and read last, so the first ~1,170 documents come from the Python
+# installation alone. ~3,200 prose pieces between them (torch ~1,800, sympy ~800, numpy ~560): the tiny profile needs
+# ~3,050 web documents.
+_DOC_PACKAGES = ("torch", "numpy", "sympy")
+
+
 @lru_cache(maxsize=1)
 def _package_files() -> tuple[Path, ...]:
-    """Python files of the installed packages (their docstrings are more English prose when the stdlib runs out)."""
+    """Python files of `_DOC_PACKAGES` (located, not imported)."""
     out = []
-    for sp in _site_packages():
-        for d in sorted(sp.iterdir()):
-            if d.is_dir() and not d.name.endswith((".dist-info", ".egg-info")) and not d.name.startswith("_"):
-                out += _py_files(d)
+    for name in _DOC_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        for d in (spec.submodule_search_locations or []) if spec is not None else []:
+            out += _py_files(Path(d))
     return tuple(out)
 
 
-def _site_packages() -> list[Path]:
-    paths = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
-    return sorted(Path(p) for p in paths if Path(p).is_dir())
-
-
 @lru_cache(maxsize=1)
-def _package_texts() -> tuple[tuple[str, str], ...]:
-    """(source, text) of package long descriptions (README) and license files, deduplicated by content."""
-    out, seen = [], set()
-    for sp in _site_packages():
-        for info in sorted(sp.glob("*.dist-info")):
-            meta = info / "METADATA"
-            texts = []
-            if meta.is_file():
-                msg = email.message_from_string(meta.read_text(encoding="utf-8", errors="replace"))
-                body = msg.get_payload()
-                if isinstance(body, str):
-                    texts.append(("readme:" + info.name.split("-")[0], _strip_markup(body)))
-            for lic in sorted(info.rglob("LICEN[CS]E*")):
-                if lic.is_file():
-                    texts.append(("license:" + info.name.split("-")[0], lic.read_text(encoding="utf-8", errors="replace")))
-            for src, t in texts:
-                key = hash(t.strip())
-                if t.strip() and key not in seen:
-                    seen.add(key)
-                    out.append((src, t))
+def _stdlib_texts() -> tuple[tuple[str, str], ...]:
+    """(source, text) of the standard library's prose files: LICENSE.txt, idlelib's README/NEWS/HISTORY/help, ..."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(sysconfig.get_paths()["stdlib"]):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("config-"))
+        for f in sorted(filenames):
+            if f.endswith((".txt", ".rst", ".html")):
+                text = (Path(dirpath) / f).read_text(encoding="utf-8", errors="replace")
+                out.append(("stdlib-text:" + Path(dirpath).name + "/" + f, _strip_markup(text)))
     return tuple(out)
 
 
@@ -202,47 +197,52 @@ def _docstrings(path: Path) -> str:
 
 
 def web_corpus(n: int, seed: int = 0, max_chars: int = 2000, min_chars: int = 200) -> Dataset:
-    """`n` English prose documents (category "web"): the Python reference manual's topics, installed packages'
-    READMEs and licenses, and stdlib docstrings, interleaved in a seeded order and cut into <= `max_chars` pieces."""
+    """`n` English prose documents (category "web"): the Python reference manual's topics, the standard library's
+    text files and its docstrings, interleaved in a seeded order and cut into <= `max_chars` pieces; then, if more
+    are asked, docstrings of `_DOC_PACKAGES`."""
     _check_n(n, "web_corpus")
     import pydoc_data.topics
 
     rng = random.Random(f"web|{seed}")
-    cheap = [("pydoc_topics:" + k, v) for k, v in sorted(pydoc_data.topics.topics.items())] + list(_package_texts())
-    rng.shuffle(cheap)
+    topics = [("pydoc_topics:" + k, v) for k, v in sorted(pydoc_data.topics.topics.items())]
+    rng.shuffle(topics)
+    texts = list(_stdlib_texts())
+    rng.shuffle(texts)
     files = list(_stdlib_files())
     rng.shuffle(files)
 
+    def pieces(items) -> Iterator[tuple[str, str]]:
+        for src, text in items:
+            for piece in _chunks(text, max_chars, min_chars):
+                yield src, piece
+
+    def docstrings(paths, prefix: str) -> Iterator[tuple[str, str]]:
+        return ((prefix + f.stem, _docstrings(f)) for f in paths)
+
     def stream() -> Iterator[tuple[str, str]]:
-        # Alternate the first two streams so any prefix mixes reference prose, READMEs/licenses and docstrings;
-        # installed packages' docstrings (walked and parsed only if needed) come last.
-        fi = iter(files)
-        for src, text in cheap:
-            yield src, text
-            for f in fi:
-                d = _docstrings(f)
-                if d:
-                    yield "docstrings:" + f.stem, d
-                    break
-        for f in fi:
-            yield "docstrings:" + f.stem, _docstrings(f)
+        # Pieces round-robin over the three standard-library streams, so any prefix mixes reference prose, text files
+        # and docstrings; the pinned packages' docstrings (walked and parsed only if needed) come last.
+        streams = [pieces(topics), pieces(texts), pieces(docstrings(files, "docstrings:"))]
+        while streams:
+            for it in list(streams):
+                item = next(it, None)
+                if item is None:
+                    streams.remove(it)
+                else:
+                    yield item
         more = list(_package_files())
         rng.shuffle(more)
-        for f in more:
-            yield "pkg-docstrings:" + f.parent.name + "." + f.stem, _docstrings(f)
+        yield from pieces(docstrings(more, "pkg-docstrings:"))
 
     rows, seen = [], set()
-    for src, text in stream():
-        for piece in _chunks(text, max_chars, min_chars):
-            key = _dedupe_key(piece)
-            if _is_prose(piece) and key not in seen:
-                seen.add(key)
-                rows.append(_row(piece, "web", src))
-        if len(rows) >= n:
-            break
-    if len(rows) < n:
-        raise ValueError(f"web_corpus: only {len(rows)} prose documents exist on this machine, {n} asked")
-    return _dataset(rows[:n])
+    for src, piece in stream():
+        key = _dedupe_key(piece)
+        if _is_prose(piece) and key not in seen:
+            seen.add(key)
+            rows.append(_row(piece, "web", src))
+            if len(rows) == n:
+                return _dataset(rows)
+    raise ValueError(f"web_corpus: only {len(rows)} prose documents exist on this machine, {n} asked")
 
 
 def code_corpus(n: int, seed: int = 0, max_chars: int = 2000, min_chars: int = 200) -> Dataset:

@@ -24,6 +24,7 @@ class ZayaCache:
     """Decode state for all layers. `seq_len` counts the tokens already processed (padding included)."""
 
     is_compileable = False
+    is_croppable = False  # generate() (transformers >= 5.24) asks before deferring its stop check on MPS
 
     def __init__(self, num_layers: int, max_length: int | None = None):
         self.num_layers = num_layers

@@ -21,6 +21,7 @@ Notable features:
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -39,18 +40,34 @@ from .moe import BalancingBiasOptimizer, MoEBlock, RMSNorm, Router
 __all__ = ["ZayaModel", "ZayaForCausalLM", "ZayaOutput", "ZayaModelOutput", "linear_cross_entropy"]
 
 
+# The decode cache's name: transformers >= 5.24 calls it `cache` (generate() passes `cache=` to
+# prepare_inputs_for_generation and reads `outputs["cache"]`), 5.23 `past_key_values`. We take either name as an input
+# and return the cache under both names, so generate() of either line finds it and keeps decoding incrementally.
+CACHE_NAME = "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters \
+    else "past_key_values"
+
+
+def _one_cache(cache, past_key_values):
+    """The cache passed under either name (both may be given only if they are the same object)."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("pass the decode cache as `cache` or as `past_key_values`, not two different ones")
+    return cache if cache is not None else past_key_values
+
+
 @dataclass
 class ZayaModelOutput(ModelOutput):
     last_hidden_state: torch.Tensor | None = None
-    past_key_values: ZayaCache | None = None
+    past_key_values: ZayaCache | None = None  # the same object as `cache` (the name before transformers 5.24)
+    cache: ZayaCache | None = None
 
 
 @dataclass
 class ZayaOutput(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    past_key_values: ZayaCache | None = None
+    past_key_values: ZayaCache | None = None  # the same object as `cache` (the name before transformers 5.24)
     token_losses: torch.Tensor | None = None  # [B, T] fp32, with `targets=` (the fused path; logits is None then)
+    cache: ZayaCache | None = None
 
 
 class ResidualScaling(nn.Module):
@@ -161,9 +178,10 @@ class ZayaModel(ZayaPreTrainedModel):
         self.embed_tokens = value
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=False, cp=None, doc_ids=None, **kwargs) -> ZayaModelOutput:
+                inputs_embeds=None, use_cache=False, cp=None, doc_ids=None, cache=None, **kwargs) -> ZayaModelOutput:
         """cp: optional context parallelism (`zaya_lib.train.context_parallel.ContextParallel`): this rank's chunk of
-        the sequence; pass global `position_ids`. No padding or cache with cp.
+        the sequence; pass global `position_ids`. No padding or cache with cp. The decode cache (a `ZayaCache`) comes
+        as `cache` (transformers >= 5.24) or `past_key_values` (the older name).
         doc_ids: optional [B, T] document ids of packed windows (a document = a maximal run of equal ids): every
         document is computed as if alone (`documents.DocMask`; positions restart at each document unless
         `position_ids` are given). Training only: no attention_mask, cache or cp with it."""
@@ -178,9 +196,9 @@ class ZayaModel(ZayaPreTrainedModel):
                                  f"max {int(input_ids.max())} (vocab_size={cfg.vocab_size})")
             inputs_embeds = self.embed_tokens(input_ids)
         B, T, _ = inputs_embeds.shape
-        cache = past_key_values
+        cache = _one_cache(cache, past_key_values)
         if cache is not None and not isinstance(cache, ZayaCache):
-            raise TypeError(f"past_key_values must be a ZayaCache, got {type(cache).__name__}")
+            raise TypeError(f"the cache (past_key_values) must be a ZayaCache, got {type(cache).__name__}")
         if use_cache and cache is None:
             cache = ZayaCache(cfg.num_hidden_layers)
         past = cache.seq_len if cache is not None else 0
@@ -238,7 +256,8 @@ class ZayaModel(ZayaPreTrainedModel):
         for layer in self.layers:
             x, r = layer(x, r, cos, sin, attn_mask, cache, pad_mask, cp, doc)
         h = self.norm(x.to(self.norm.weight.dtype))
-        return ZayaModelOutput(last_hidden_state=h, past_key_values=cache if use_cache else None)
+        cache = cache if use_cache else None
+        return ZayaModelOutput(last_hidden_state=h, past_key_values=cache, cache=cache)
 
     def routers(self) -> list[Router]:
         return [layer.mlp.gate for layer in self.layers]
@@ -272,11 +291,13 @@ class ZayaForCausalLM(ZayaPreTrainedModel, GenerationMixin):
         return False  # we bring our own cache (ZayaCache); generate() must not build a DynamicCache
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, use_cache=True,
-                                      position_ids=None, **kwargs):
-        if past_key_values is not None and past_key_values.seq_len > 0:
-            input_ids = input_ids[:, past_key_values.seq_len:]
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "past_key_values": past_key_values,
-                "use_cache": use_cache}
+                                      position_ids=None, cache=None, **kwargs):
+        """generate() hands over the cache as `cache` (transformers >= 5.24) or `past_key_values` (5.23); only the
+        tokens it has not seen yet go to the forward (prefill once, then one token per step)."""
+        cache = _one_cache(cache, past_key_values)
+        if cache is not None and cache.seq_len > 0:
+            input_ids = input_ids[:, cache.seq_len:]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, CACHE_NAME: cache, "use_cache": use_cache}
 
     def _reorder_cache(self, past_key_values, beam_idx):
         past_key_values.reorder(beam_idx)
@@ -285,14 +306,14 @@ class ZayaForCausalLM(ZayaPreTrainedModel, GenerationMixin):
     # --- forward -------------------------------------------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=False, logits_to_keep: int = 0, targets=None,
-                **kwargs) -> ZayaOutput:
+                cache=None, **kwargs) -> ZayaOutput:
         """HF semantics, plus `targets` [B, T]: next-token ids already aligned with the inputs (-100 = no target);
         the output then carries fp32 per-token losses in `token_losses` from the fused head + cross-entropy, and no
         logits (the project trainer's path; `labels` keep the HF meaning: shifted here, mean loss, logits kept).
         `doc_ids=` [B, T] (keyword): document masking of packed windows, see `ZayaModel.forward`."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                         cp=kwargs.get("cp"), doc_ids=kwargs.get("doc_ids"))
+                         cp=kwargs.get("cp"), doc_ids=kwargs.get("doc_ids"), cache=cache)
         h = out.last_hidden_state
         if targets is not None:
             if labels is not None or logits_to_keep:
@@ -304,7 +325,7 @@ class ZayaForCausalLM(ZayaPreTrainedModel, GenerationMixin):
                 tl = linear_cross_entropy(h_ND, self.lm_head.weight, t_N)
             else:  # a head bias (config.lm_head_bias): the plain path
                 tl = F.cross_entropy(self.lm_head(h_ND).float(), t_N, ignore_index=-100, reduction="none")
-            return ZayaOutput(token_losses=tl.view(targets.shape), past_key_values=out.past_key_values)
+            return ZayaOutput(token_losses=tl.view(targets.shape), past_key_values=out.cache, cache=out.cache)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = self.lm_head(h)
@@ -313,7 +334,7 @@ class ZayaForCausalLM(ZayaPreTrainedModel, GenerationMixin):
             if kwargs.get("doc_ids") is not None:  # no target across documents: a document's first token has none
                 labels = labels.masked_fill(~DocMask(kwargs["doc_ids"]).cont.to(labels.device), -100)
             loss = causal_lm_loss(logits, labels, kwargs.get("num_items_in_batch"))
-        return ZayaOutput(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        return ZayaOutput(loss=loss, logits=logits, past_key_values=out.cache, cache=out.cache)
 
     # --- training features ----------------------------------------------------------------------------------------------
     def routers(self) -> list[Router]:

@@ -20,6 +20,7 @@ import torch
 from .attention import CCAttention, apply_partial_rope
 from .cache import ZayaCache
 from .checkpoint import to_hf_reference
+from .modeling import CACHE_NAME
 
 __all__ = ["randomize_weights", "reference_logit_diff", "decode_vs_prefill_diff", "attention_probs", "record_routing"]
 
@@ -60,7 +61,7 @@ def reference_logit_diff(model, ids_BT: torch.Tensor, n_prefill: int | None = No
     worst = 0.0
     for t0, t1 in [(0, n0)] + [(t, t + 1) for t in range(n0, T)]:
         a = model(ids_BT[:, t0:t1], past_key_values=c_ours, use_cache=True).logits
-        b = ref(ids_BT[:, t0:t1], past_key_values=c_ref, use_cache=True).logits
+        b = ref(ids_BT[:, t0:t1], use_cache=True, **{CACHE_NAME: c_ref}).logits  # the installed transformers' name
         worst = max(worst, float((a - b).abs().max()))
     return {"full_forward": float((ours_full - ref_full).abs().max()), "cached_decode": worst,
             "max_abs_logit": float(ours_full.abs().max())}
