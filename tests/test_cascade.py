@@ -76,7 +76,7 @@ def test_code_stage_refuses_before_it_starts_without_a_sandbox(tok, monkeypatch)
     monkeypatch.setattr(C, "build_stage_dataset", lambda *a, **k: built.append(1))
     with pytest.raises(sandbox.SandboxUnavailable, match=f"RL stage 'math_code_ttc' runs model-written code.*"
                        f"{sandbox.ALLOW_WEAK_ENV}=1"):
-        C.run_stage(_model(tok), tok, stage, seed=0)
+        C.run_stage(tiny_model(tok), tok, stage, seed=0)
     assert not built
 
 

@@ -61,10 +61,7 @@ def test_two_grpo_steps_with_lora(tokenizer, tmp_path):
 def test_grpo_rollouts_decode_from_the_cache(tokenizer, tmp_path):
     """TRL's rollouts (GRPOTrainer -> model.generate) prefill once and then feed one token per step. With the cache lost
     (transformers >= 5.24 renamed it, see test_generate_cache.py) every step would re-read the whole prefix."""
-    torch.manual_seed(0)
-    cfg = get_config("debug", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    model = ZayaForCausalLM(cfg)
+    model = tiny_model(tokenizer)
     calls: list[tuple[int, list[int]]] = []  # (prompt length, forward input lengths) per generate() call
     generate, inside = model.generate, []
 
