@@ -26,7 +26,8 @@ from __future__ import annotations
 import random
 from typing import Any, Callable, Sequence
 
-from zaya_lib.data.tasks import Problem, corrupt_rollout
+from zaya_lib.data.answers import extract_answer
+from zaya_lib.data.tasks import Problem, aggregation_response, corrupt_rollout
 from zaya_lib.data.tokenizer import ChatIds, chat_ids, encode_chat, encode_text
 from zaya_lib.data.trimming import EncodedSample, EncodedTurn, split_thinking, trim
 
@@ -161,6 +162,11 @@ def aggregation_sft_example(tokenizer: Any, problem: str, tails: Sequence[Sequen
     return None if r.ids is None else (r.ids, r.loss_mask)
 
 
+def _tail_answer(tokenizer: Any, tail_ids: Sequence[int]) -> str | None:
+    """The final answer an aggregator can read in a tail (the project's answer rule on the decoded tail)."""
+    return extract_answer(tokenizer.decode([int(x) for x in tail_ids], skip_special_tokens=False))
+
+
 def _check_common(C: int, tau: int, tokenizer: Any, max_len: int | None) -> None:
     if not isinstance(C, int) or C <= 0:
         raise ValueError(f"number of candidates C must be a positive int, got {C!r}")
@@ -207,7 +213,8 @@ def expert_aggregation_examples(problems: Sequence[Problem], C: int, tau: int, t
             cands.append(p.response() if ok else corrupt_rollout(p, rng, error_rate=1.0))
         # response text -> the ids a model would have written (think markers become their single ids)
         tails = [tail(encode_text(tokenizer, c), tau) for c in cands]
-        ex = aggregation_sft_example(tokenizer, p.question, tails, p.response(), tau=tau, max_len=max_len)
+        target = aggregation_response(p, [_tail_answer(tokenizer, t) for t in tails])
+        ex = aggregation_sft_example(tokenizer, p.question, tails, target, tau=tau, max_len=max_len)
         _record(stats, "candidates", C)
         _record(stats, "correct_candidates", n_ok)
         _keep(out, ex, stats)
@@ -236,17 +243,15 @@ def self_aggregation_examples(problems: Sequence[Problem], C: int, tau: int, tok
     out = []
     for j, p in enumerate(problems):
         traces = [completion_trace(tokenizer, c) for c in completions[j * C:(j + 1) * C]]
-        target = p.response()
+        tails = [tail(t, tau) for t in traces]
+        # The target checks the candidates the model itself wrote (right and wrong ones) and keeps the first that
+        # checks out, else solves afresh (`tasks.aggregation_response`).
+        target = aggregation_response(p, [_tail_answer(tokenizer, t) for t in tails])
         _record(stats, "candidates", C)
         if verify_fn is not None:
             texts = [tokenizer.decode(t, skip_special_tokens=False) for t in traces]
-            good = [t for t in texts if verify_fn(p, t)]
-            _record(stats, "verified_correct", len(good))
-            if good:
-                target = rng.choice(good)
-                _record(stats, "sampled_targets")
-        _keep(out, aggregation_sft_example(tokenizer, p.question, [tail(t, tau) for t in traces], target,
-                                           tau=tau, max_len=max_len), stats)
+            _record(stats, "verified_correct", sum(bool(verify_fn(p, t)) for t in texts))
+        _keep(out, aggregation_sft_example(tokenizer, p.question, tails, target, tau=tau, max_len=max_len), stats)
     return out
 
 
