@@ -25,7 +25,8 @@ from typing import Callable
 
 __all__ = [
     "Problem", "Task", "TASKS", "make_problems", "make_suite", "corrupt_rollout", "format_response",
-    "DEFAULT_REASONING_SUITE", "MAX_DIFFICULTY", "HELDOUT_BUCKETS", "is_heldout", "cot_final",
+    "DEFAULT_REASONING_SUITE", "MAX_DIFFICULTY", "HELDOUT_BUCKETS", "SPLITS", "is_heldout", "split_of", "cot_final",
+    "CHECKERS", "check_candidate", "aggregation_response",
 ]
 
 MAX_DIFFICULTY = 5
@@ -433,19 +434,16 @@ TASKS: dict[str, Task] = {t.name: t for t in [
          "reasoning-gym chain_sum (+/-), running CoT"),
 ]}
 
-# Held-out evaluation mixture used by the notebooks: (task, difficulty). Chosen above what the calibration run
-# saturated (2-4 digit a+b was solved after 2 minutes), so a tiny model after ~8 min of pretraining + SFT should land
-# inside 0.2-0.8 pass@1; shift all levels with make_suite(difficulty_offset=...).
+# Held-out evaluation mixture used by the notebooks: (task, difficulty). Every family has a cheap check by the inverse
+# operation (CHECKERS below), so an aggregator can check candidates instead of counting them (issue 18): a+b, a-b,
+# a*d, n/d and a*x+b=c. Levels were chosen on the validation split (README, calibration notes), never on this one;
+# shift all levels with make_suite(difficulty_offset=...).
 DEFAULT_REASONING_SUITE: tuple[tuple[str, int], ...] = (
-    # Difficulty 2 throughout: the tiny profile's model (3.5M parameters, ~35 CPU-minutes of training) has to land
-    # between ~0.2 and 0.8 pass@1 after SFT for RL and test-time compute to have room (spec/calibration.md); at the
-    # earlier levels 3-4 it scored ~0.01. Larger profiles raise it with the notebooks' difficulty offsets.
-    ("add", 2),          # 3-digit + 3-digit
-    ("sub", 2),          # 3-digit borrows
-    ("chain_sum", 2),    # a few 2-3 digit operands
-    ("mul1", 2),         # 3 digits x 1 digit
-    ("linear_eq", 2),    # a*x+b=c
-    ("count_letter", 2), # short words
+    ("add", 2),          # 3-digit + 3-digit, checked by s-b
+    ("sub", 2),          # 3-digit borrows, checked by r+b
+    ("mul1", 2),         # 3 digits x 1 digit, checked by p/d
+    ("div", 2),          # 3-digit quotient, one-digit divisor, checked by q*d
+    ("linear_eq", 2),    # a*x+b=c, checked by substituting x
 )
 
 
