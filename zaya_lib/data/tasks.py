@@ -476,12 +476,13 @@ def _check(task: str, difficulty: int) -> Task:
     return TASKS[task]
 
 
-def make_problems(task: str, n: int, seed: int = 0, difficulty: int = 1, split: str = "train") -> list[Problem]:
+def make_problems(task: str, n: int, seed: int = 0, difficulty: int = 1, split: str = "train",
+                  allow_fewer: bool = False) -> list[Problem]:
     """`n` distinct problems of `task` at `difficulty`, deterministic given (task, n, seed, difficulty, split).
 
     `split` "train", "val" and "test" draw from different seed streams and from disjoint parts of the question space
     (`split_of`), so no held-out or validation question is ever a training question. Raises ValueError when the space at this
-    difficulty is too small for `n` distinct problems.
+    difficulty is too small for `n` distinct problems, unless `allow_fewer` (then it returns the ones it found).
     """
     t = _check(task, difficulty)
     if split not in SPLITS:
@@ -495,6 +496,8 @@ def make_problems(task: str, n: int, seed: int = 0, difficulty: int = 1, split: 
     while len(out) < n:
         tries += 1
         if tries > max_tries:
+            if allow_fewer:
+                break
             raise ValueError(f"task {task!r} at difficulty {difficulty}: could only find {len(out)} distinct {split} "
                              f"problems of the {n} asked; lower n or raise the difficulty")
         question, meta = t.generate(rng, difficulty)
