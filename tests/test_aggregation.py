@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -9,7 +10,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from zaya_lib.data.aggregation import (build_aggregation_prompt_ids, build_aggregation_prompt_text, candidate_tail,
                                        completion_trace, expert_aggregation_examples, fixed_overhead,
                                        mix_sft_with_aggregation, self_aggregation_examples, tail)
-from zaya_lib.data.tasks import corrupt_rollout, make_problems
+from zaya_lib.data.tasks import CHECKERS, aggregation_response, corrupt_rollout, make_problems
 from zaya_lib.data.tokenizer import chat_ids, encode_chat
 
 from _helpers import problem_tokenizer
@@ -133,8 +134,12 @@ def test_expert_examples(tok, problems):
     for p, ex in zip(problems, exs):
         prompt, target = loss_part(ex)
         assert prompt[-1] == cid.assistant and prompt[:2] == [cid.bos, cid.user]
-        # loss exactly on the gold response and its closing <|end|>
-        assert target == tok.encode(p.response(), add_special_tokens=False) + [cid.end]
+        # loss exactly on the aggregation response (check the candidates shown, keep the first that checks out,
+        # else solve) and its closing <|end|>; it always ends at the gold answer
+        shown = re.findall(r"\\boxed\{(-?\d+)\}", tok.decode(prompt, skip_special_tokens=False))
+        if len(shown) == C:
+            assert target == tok.encode(aggregation_response(p, shown), add_special_tokens=False) + [cid.end]
+        assert tok.decode(target).endswith(f"\\boxed{{{p.answer}}}<|end|>")
         text = tok.decode(prompt, skip_special_tokens=False)
         assert f"[Attempt {C}]" in text and f"[Attempt {C + 1}]" not in text and p.question in text
         assert len(prompt) <= len(tok.encode(p.question, add_special_tokens=False)) + C * tau + fixed_overhead(tok, C)
@@ -184,15 +189,19 @@ def test_self_examples(tok, problems):
     # one batched call with C plain chat prompts per problem, problem-major
     assert seen == [encode_chat(tok, p.question)[0] for p in problems for _ in range(C)]
     assert len(exs) == len(problems) and stats["candidates"] == C * len(problems)
-    assert 0 < stats["sampled_targets"] <= stats["verified_correct"]
+    assert 0 < stats["verified_correct"] < C * len(problems)  # the model's own right AND wrong samples
     for p, ex in zip(problems, exs):
         prompt, target = loss_part(ex)
         assert cid.end not in prompt[:-2] and cid.pad not in prompt       # tails cut before <|end|> and padding
         assert tok.decode(target).endswith(f"\\boxed{{{p.answer}}}<|end|>")  # target is a correct response
-    # without a verifier the target is the gold CoT response
-    gold = self_aggregation_examples(problems, C, tau, tok, sample_fn)
-    for p, ex in zip(problems, gold):
-        assert loss_part(ex)[1] == tok.encode(p.response(), add_special_tokens=False) + [cid.end]
+    # the target checks the candidates it was shown (the answers readable in their tails), whatever the verifier
+    again = self_aggregation_examples(problems, C, tau, tok, sample_fn)
+    for p, ex in zip(problems, again):
+        prompt, target = loss_part(ex)
+        text = tok.decode(target, skip_special_tokens=False)
+        shown = [a for a in re.findall(r"\\boxed\{(-?\d+)\}", tok.decode(prompt, skip_special_tokens=False))]
+        assert text == aggregation_response(p, shown) + "<|end|>" or len(shown) < C  # a tail may cut its answer
+        assert text.startswith("<think>A1 ") or p.task not in CHECKERS
     with pytest.raises(ValueError, match="returned 1 completions"):
         self_aggregation_examples(problems, C, tau, tok, lambda prompts: [[10]])
 
