@@ -551,10 +551,13 @@ def corrupt_rollout(problem: Problem, rng: random.Random, error_rate: float = 1.
 # Checking a candidate answer (what an aggregator does with the endings of earlier attempts)
 #
 # RSA beats voting when an aggregator can check candidates instead of only counting them [RSA paper §4; issue 18].
-# For the tasks below checking runs the INVERSE operation, a different computation from the solve, so its mistakes
-# are not the solve's mistakes: a+b=s is checked by s-b, a-b=r by r+b, a*d=p by p/d, n/d=q by q*d, a*x+b=c by
-# substituting x. Each check is written in the same compact CoT format the solvers use. Tasks without a cheap
-# check (count_letter, max, ...) have no checker: an aggregator re-solves them.
+# A check is a computation in the solvers' compact CoT format that ends `→R want E`, then `ok` when R equals E: the
+# value it must land on is written right beside the result, so the verdict is a comparison of two adjacent numbers
+# (measured: when E stayed in the question, the tiny model's verdicts were near chance). Where the inverse operation
+# is a skill the model has (a-b=r checked by r+b, n/d=q by q*d, a*x+b=c by substituting x) the check runs it; where
+# it is harder than the solve (s-b for a sum, p/d for a product) the check redoes the forward computation and
+# compares with the candidate. Tasks without a cheap check (count_letter, max, ...) have no checker: an aggregator
+# re-solves them.
 
 
 def _as_int(answer: str | None) -> int | None:
@@ -568,39 +571,33 @@ def _as_int(answer: str | None) -> int | None:
 
 def _check_add(m: dict, x: int) -> tuple[str, bool]:
     a, b = m["nums"]
-    if x < b:
-        return f"{x}<{b}", False
-    cot, r = _solve_sub({"a": x, "b": b}, _NO_FAULT)
-    return f"{x}-{b}: {cot}", int(r) == a
+    cot, s = _solve_columns([a, b], _NO_FAULT)  # addition is the model's surest skill: redo it, compare with x
+    return f"{a}+{b}: {cot} want {x}", int(s) == x
 
 
 def _check_sub(m: dict, x: int) -> tuple[str, bool]:
     if x < 0:
         return f"{x}<0", False
     cot, s = _solve_columns([x, m["b"]], _NO_FAULT)
-    return f"{x}+{m['b']}: {cot}", int(s) == m["a"]
+    return f"{x}+{m['b']}: {cot} want {m['a']}", int(s) == m["a"]
 
 
 def _check_mul1(m: dict, x: int) -> tuple[str, bool]:
-    d = m["d"]
-    if x < d:
-        return f"{x}<{d}", False
-    cot, q = _solve_div({"n": x, "d": d}, _NO_FAULT)
-    exact = cot.split(f" {ARROW}")[0].endswith(" r0")
-    return f"{x}/{d}: {cot}", exact and int(q) == m["a"]
+    cot, p = _solve_mul1({"a": m["a"], "d": m["d"]}, _NO_FAULT)  # division is harder than the product: redo it
+    return f"{m['a']}*{m['d']}: {cot} want {x}", int(p) == x
 
 
 def _check_div(m: dict, x: int) -> tuple[str, bool]:
     if x <= 0:
         return f"{x}<1", False
     cot, p = _solve_mul1({"a": x, "d": m["d"]}, _NO_FAULT)
-    return f"{x}*{m['d']}: {cot}", int(p) == m["n"]
+    return f"{x}*{m['d']}: {cot} want {m['n']}", int(p) == m["n"]
 
 
 def _check_linear(m: dict, x: int) -> tuple[str, bool]:
     a, b, c = m["a"], m["b"], m["c"]
     ax = a * x
-    return f"{a}*{x}={ax} {ax}{'+' if b > 0 else '-'}{abs(b)}={ax + b}", ax + b == c
+    return f"{a}*{x}={ax} {ax}{'+' if b > 0 else '-'}{abs(b)}={ax + b} want {c}", ax + b == c
 
 
 CHECKERS: dict[str, Callable[[dict, int], tuple[str, bool]]] = {
@@ -625,7 +622,8 @@ def aggregation_response(problem: Problem, candidate_answers: list[str | None]) 
     """The gold response of an aggregation call that saw candidates with these final answers (None: the ending shows
     no answer): check the distinct candidates in order with the inverse operation and stop at the first that checks
     out; when none does (or the task has no checker), solve the problem afresh. E.g. for `Compute 472+389.` with
-    candidates 851, 861: `<think>A1 851: 851-389: ... →462 no. A2 861: 861-389: ... →472 ok. →861</think>\\boxed{861}`.
+    candidates 851, 861: `<think>A1 851: 472+389: ... →861 want 851 no. A2 861: 472+389: ... →861 want 861 ok.
+    →861</think>\\boxed{861}`.
     """
     parts, seen = [], set()
     if problem.task in CHECKERS:
