@@ -569,35 +569,49 @@ def _as_int(answer: str | None) -> int | None:
     return int(a) if a.isdigit() else None
 
 
+def _compare(r: int, e: int) -> str:
+    """`want E:` then the digits of R and E compared right to left up to the first mismatch (`_` where a number has
+    no digit): `want 823: 3=3 2=2 8=8`, `want 823: 1≠3`. Each comparison is of two digits side by side, which a
+    tiny model gets right where it does not get `R == E` right as a whole (measured: verdicts near chance)."""
+    rs, es = str(r)[::-1], str(e)[::-1]
+    parts = []
+    for i in range(max(len(rs), len(es))):
+        a, b = (rs[i] if i < len(rs) else "_"), (es[i] if i < len(es) else "_")
+        parts.append(f"{a}={b}" if a == b else f"{a}≠{b}")
+        if a != b:
+            break
+    return f"want {e}: " + " ".join(parts)
+
+
 def _check_add(m: dict, x: int) -> tuple[str, bool]:
     a, b = m["nums"]
     cot, s = _solve_columns([a, b], _NO_FAULT)  # addition is the model's surest skill: redo it, compare with x
-    return f"{a}+{b}: {cot} want {x}", int(s) == x
+    return f"{a}+{b}: {cot} {_compare(int(s), x)}", int(s) == x
 
 
 def _check_sub(m: dict, x: int) -> tuple[str, bool]:
     if x < 0:
         return f"{x}<0", False
     cot, s = _solve_columns([x, m["b"]], _NO_FAULT)
-    return f"{x}+{m['b']}: {cot} want {m['a']}", int(s) == m["a"]
+    return f"{x}+{m['b']}: {cot} {_compare(int(s), m['a'])}", int(s) == m["a"]
 
 
 def _check_mul1(m: dict, x: int) -> tuple[str, bool]:
     cot, p = _solve_mul1({"a": m["a"], "d": m["d"]}, _NO_FAULT)  # division is harder than the product: redo it
-    return f"{m['a']}*{m['d']}: {cot} want {x}", int(p) == x
+    return f"{m['a']}*{m['d']}: {cot} {_compare(int(p), x)}", int(p) == x
 
 
 def _check_div(m: dict, x: int) -> tuple[str, bool]:
     if x <= 0:
         return f"{x}<1", False
     cot, p = _solve_mul1({"a": x, "d": m["d"]}, _NO_FAULT)
-    return f"{x}*{m['d']}: {cot} want {m['n']}", int(p) == m["n"]
+    return f"{x}*{m['d']}: {cot} {_compare(int(p), m['n'])}", int(p) == m["n"]
 
 
 def _check_linear(m: dict, x: int) -> tuple[str, bool]:
     a, b, c = m["a"], m["b"], m["c"]
     ax = a * x
-    return f"{a}*{x}={ax} {ax}{'+' if b > 0 else '-'}{abs(b)}={ax + b} want {c}", ax + b == c
+    return f"{a}*{x}={ax} {ax}{'+' if b > 0 else '-'}{abs(b)}={ax + b} {_compare(ax + b, c)}", ax + b == c
 
 
 CHECKERS: dict[str, Callable[[dict, int], tuple[str, bool]]] = {
