@@ -58,19 +58,19 @@ def test_prompt_structure(tok, problems):
     tails = [tail(t, tau) for t in traces]
     ids = build_aggregation_prompt_ids(tok, p.question, tails, tau=tau)
     assert ids[:2] == [cid.bos, cid.user] and ids[-2:] == [cid.end, cid.assistant]
-    # the problem is intact: its ids appear contiguously, once, before every tail
-    q = tok.encode(p.question, add_special_tokens=False)
-    at = find(ids, q)
-    assert at > 0 and find(ids, q, at + 1) == -1
     # exactly C candidates, each tail verbatim, in order, after its numbered header
     text = tok.decode(ids, skip_special_tokens=False)
     assert [f"[Attempt {i}]" in text for i in range(1, C + 2)] == [True] * C + [False]
-    pos = at + len(q)
+    pos = 0
     for i, t in enumerate(tails):
         header = tok.encode(f"\n\n[Attempt {i + 1}] ...", add_special_tokens=False)
         h = find(ids, header, pos)
         assert h >= 0 and ids[h + len(header): h + len(header) + len(t)] == t
         pos = h + len(header) + len(t)
+    # the problem is intact: its ids appear contiguously, once, after every tail (right before the answer)
+    q = tok.encode(p.question, add_special_tokens=False)
+    at = find(ids, q, pos)
+    assert at >= pos and find(ids, q, at + 1) == -1
     # exact length by construction, and the text rendering is the same prompt (ASCII content: decodes identically)
     assert len(ids) == len(q) + sum(map(len, tails)) + fixed_overhead(tok, C)
     assert build_aggregation_prompt_text(tok, p.question, tails) == text

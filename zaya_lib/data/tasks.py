@@ -26,7 +26,7 @@ from typing import Callable
 __all__ = [
     "Problem", "Task", "TASKS", "make_problems", "make_suite", "corrupt_rollout", "format_response",
     "DEFAULT_REASONING_SUITE", "MAX_DIFFICULTY", "HELDOUT_BUCKETS", "SPLITS", "is_heldout", "split_of", "cot_final",
-    "CHECKERS", "check_candidate", "aggregation_response",
+    "CHECKERS", "check_candidate", "aggregation_response", "aggregation_rollout",
 ]
 
 MAX_DIFFICULTY = 5
@@ -656,3 +656,21 @@ def aggregation_response(problem: Problem, candidate_answers: list[str | None]) 
                 return format_response(" ".join(parts) + f" {ARROW}{x}", str(x))
     cot = problem.cot if not parts else " ".join(parts) + " solve: " + problem.cot
     return format_response(cot, problem.answer)
+
+
+def aggregation_rollout(problem: Problem, rng: random.Random, correct: bool) -> str:
+    """A response as an aggregation call would write it, right or wrong: what a later Markovian RSA round sees as a
+    candidate (issue 18: trained only on plain candidates, the tiny aggregator met these in round 2 for the first time
+    and lost accuracy round after round). Right: `aggregation_response` over a wrong and the right answer, in random
+    order. Wrong: a wrong candidate checked and rejected, then a fresh solve with one realistic mistake."""
+    if problem.task not in CHECKERS:
+        return problem.response() if correct else corrupt_rollout(problem, rng)
+    wrong = corrupt_rollout(problem, rng).rsplit("boxed{", 1)[1][:-1]
+    if correct:
+        answers = [wrong, problem.answer]
+        rng.shuffle(answers)
+        return aggregation_response(problem, answers)
+    trace, _ = check_candidate(problem, wrong)
+    bad = corrupt_rollout(problem, rng)
+    cot, ans = bad[len("<think>"):].split("</think>", 1)
+    return format_response(f"A1 {wrong}: {trace} no. solve: {cot}", ans[len("\\boxed{"):-1])
