@@ -221,3 +221,17 @@ def test_mix_ratio():
     assert mix_sft_with_aggregation(plain, agg, 1.0)[1]["plain"] == 0
     with pytest.raises(ValueError, match="ratio must be in"):
         mix_sft_with_aggregation(plain, agg, 1.5)
+
+
+def test_expert_examples_with_later_round_candidates(tok, problems):
+    """later_round_frac=1: every candidate is written as an aggregation round writes it (checks, then an answer);
+    0 leaves the plain candidates (and the rng stream) exactly as before."""
+    C, tau = 2, 40
+    plain = expert_aggregation_examples(problems, C, tau, tok, random.Random(5))
+    assert expert_aggregation_examples(problems, C, tau, tok, random.Random(5), later_round_frac=0.0) == plain
+    later = expert_aggregation_examples(problems, C, tau, tok, random.Random(5), later_round_frac=1.0)
+    texts = [tok.decode(loss_part(ex)[0], skip_special_tokens=False) for ex in later]
+    assert len(later) == len(problems) and later != plain
+    assert sum(bool(re.search(r"ok\. →|solve: ", t)) for t in texts) >= len(texts) // 2  # endings of checks
+    with pytest.raises(ValueError, match="later_round_frac"):
+        expert_aggregation_examples(problems, C, tau, tok, random.Random(5), later_round_frac=2.0)

@@ -6,7 +6,8 @@ import re
 import pytest
 
 from zaya_lib.data.tasks import (
-    ARROW, CHECKERS, DEFAULT_REASONING_SUITE, MAX_DIFFICULTY, TASKS, aggregation_response, check_candidate,
+    ARROW, CHECKERS, DEFAULT_REASONING_SUITE, MAX_DIFFICULTY, TASKS, aggregation_response, aggregation_rollout,
+    check_candidate,
     corrupt_rollout, cot_final, is_heldout, make_problems, make_suite, split_of,
 )
 
@@ -156,3 +157,16 @@ def test_aggregation_response_checks_in_order_and_falls_back_to_solving():
     assert "A1 none." in r and " no. solve: " + p.cot in r and r.endswith(f"\\boxed{{{p.answer}}}")
     q = make_problems("count_letter", 1, seed=2, difficulty=2)[0]  # no checker: the plain solve
     assert aggregation_response(q, ["1", "2"]) == q.response()
+
+
+def test_aggregation_rollouts_are_right_or_wrong_as_asked():
+    rng = random.Random(3)
+    for task in sorted(CHECKERS):
+        for p in make_problems(task, 20, seed=4, difficulty=2):
+            right, wrong = aggregation_rollout(p, rng, True), aggregation_rollout(p, rng, False)
+            assert right.startswith("<think>A1 ") and right.endswith(f"\\boxed{{{p.answer}}}")
+            ans = wrong.rsplit("boxed{", 1)[1][:-1]
+            assert wrong.startswith("<think>A1 ") and " no. solve: " in wrong and ans != p.answer
+            assert cot_final(wrong.split("</think>")[0]) == ans  # the wrong solve arrives where it says
+    q = make_problems("count_letter", 1, seed=2, difficulty=2)[0]
+    assert aggregation_rollout(q, rng, True) == q.response()

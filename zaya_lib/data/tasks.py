@@ -571,13 +571,14 @@ def _as_int(answer: str | None) -> int | None:
 
 def _compare(r: int, e: int) -> str:
     """`want E:` then the digits of R and E compared right to left up to the first mismatch (`_` where a number has
-    no digit): `want 823: 3=3 2=2 8=8`, `want 823: 1≠3`. Each comparison is of two digits side by side, which a
-    tiny model gets right where it does not get `R == E` right as a whole (measured: verdicts near chance)."""
+    no digit): `want 823: 3|3= 2|2= 8|8=`, `want 823: 1|3≠`. Each verdict is on two digits just written, which a
+    tiny model gets right where it does not get `R == E` right as a whole (measured: whole-number verdicts were near
+    chance; with the verdict written between the digits, `8≠8` appeared)."""
     rs, es = str(r)[::-1], str(e)[::-1]
     parts = []
     for i in range(max(len(rs), len(es))):
         a, b = (rs[i] if i < len(rs) else "_"), (es[i] if i < len(es) else "_")
-        parts.append(f"{a}={b}" if a == b else f"{a}≠{b}")
+        parts.append(f"{a}|{b}" + ("=" if a == b else "≠"))  # both digits first, then the verdict on them
         if a != b:
             break
     return f"want {e}: " + " ".join(parts)
@@ -636,7 +637,7 @@ def aggregation_response(problem: Problem, candidate_answers: list[str | None]) 
     """The gold response of an aggregation call that saw candidates with these final answers (None: the ending shows
     no answer): check the distinct candidates in order with the inverse operation and stop at the first that checks
     out; when none does (or the task has no checker), solve the problem afresh. E.g. for `Compute 472+389.` with
-    candidates 851, 861: `<think>A1 851: 472+389: ... →861 want 851 no. A2 861: 472+389: ... →861 want 861 ok.
+    candidates 851, 861: `<think>A1 851: 472+389: ... →861 want 851: 1|1= 6|5≠ no. A2 861: 472+389: ... →861 want 861: ... ok.
     →861</think>\\boxed{861}`.
     """
     parts, seen = [], set()

@@ -137,12 +137,13 @@ def engine_sampler(model, tokenizer, max_new_tokens: int, temperature: float, to
 
 def aggregation_samples(tokenizer: Any, expert_problems: Sequence[Problem], self_problems: Sequence[Problem], C: int,
                         tau: int, budget: int, rng: random.Random, p_correct: float = 0.5,
-                        sample_fn: Callable | None = None) -> tuple[list[Sample], dict]:
-    """Expert- and self-aggregation SFT examples (AP-trimmed to `budget`); returns (samples, counts)."""
+                        sample_fn: Callable | None = None, later_round_frac: float = 0.0) -> tuple[list[Sample], dict]:
+    """Expert- and self-aggregation SFT examples (AP-trimmed to `budget`); a fraction `later_round_frac` of the expert
+    candidates are written as an earlier aggregation round writes them. Returns (samples, counts)."""
     stats_e: dict = {}
     stats_s: dict = {}
     out = expert_aggregation_examples(expert_problems, C, tau, tokenizer, rng, p_correct=p_correct, max_len=budget,
-                                      stats=stats_e)
+                                      stats=stats_e, later_round_frac=later_round_frac)
     if self_problems:
         if sample_fn is None:
             raise ValueError("self-aggregation needs sample_fn (e.g. engine_sampler(model, tokenizer, ...))")
@@ -170,7 +171,8 @@ def problem_pool(n: int, seed: int, tasks: Sequence[str] | None = None,
 def build_sft_mix(tokenizer, chats_by_category: dict[str, Sequence[Sequence[dict]]], seq_len: int, agg_ratio: float,
                   agg_candidates: int, agg_tau: int, agg_self_frac: float = 0.25, agg_p_correct: float = 0.5,
                   sample_fn: Callable | None = None, seed: int = 0, agg_tasks: Sequence[str] | None = None,
-                  agg_difficulties: Sequence[int] | None = None) -> tuple[dict, dict, dict]:
+                  agg_difficulties: Sequence[int] | None = None,
+                  agg_later_round_frac: float = 0.0) -> tuple[dict, dict, dict]:
     """The SFT mixture: chats AP-trimmed to the window (`seq_len + 1` tokens), plus aggregation examples at
     `agg_ratio` of the mix (a fraction `agg_self_frac` of them from `sample_fn`, the current checkpoint).
 
@@ -191,7 +193,8 @@ def build_sft_mix(tokenizer, chats_by_category: dict[str, Sequence[Sequence[dict
     n_self = round(n_agg * agg_self_frac)
     probs = problem_pool(n_agg, seed=seed + 7919, tasks=agg_tasks, difficulties=agg_difficulties)
     agg, info["aggregation"] = aggregation_samples(tokenizer, probs[n_self:], probs[:n_self], agg_candidates,
-                                                   agg_tau, budget, random.Random(seed), agg_p_correct, sample_fn)
+                                                   agg_tau, budget, random.Random(seed), agg_p_correct, sample_fn,
+                                                   later_round_frac=agg_later_round_frac)
     # mix at the exact ratio (sample identity tells the categories apart afterwards)
     flat_plain = [s for c in plain for s in plain[c]]
     mixed, info["mix"] = mix_sft_with_aggregation(flat_plain, agg, agg_ratio, seed=seed)
