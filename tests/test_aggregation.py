@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -9,7 +10,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from zaya_lib.data.aggregation import (build_aggregation_prompt_ids, build_aggregation_prompt_text, candidate_tail,
                                        completion_trace, expert_aggregation_examples, fixed_overhead,
                                        mix_sft_with_aggregation, self_aggregation_examples, tail)
-from zaya_lib.data.tasks import corrupt_rollout, make_problems
+from zaya_lib.data.tasks import CHECKERS, aggregation_response, corrupt_rollout, make_problems
 from zaya_lib.data.tokenizer import chat_ids, encode_chat
 
 from _helpers import problem_tokenizer
@@ -57,19 +58,19 @@ def test_prompt_structure(tok, problems):
     tails = [tail(t, tau) for t in traces]
     ids = build_aggregation_prompt_ids(tok, p.question, tails, tau=tau)
     assert ids[:2] == [cid.bos, cid.user] and ids[-2:] == [cid.end, cid.assistant]
-    # the problem is intact: its ids appear contiguously, once, before every tail
-    q = tok.encode(p.question, add_special_tokens=False)
-    at = find(ids, q)
-    assert at > 0 and find(ids, q, at + 1) == -1
     # exactly C candidates, each tail verbatim, in order, after its numbered header
     text = tok.decode(ids, skip_special_tokens=False)
     assert [f"[Attempt {i}]" in text for i in range(1, C + 2)] == [True] * C + [False]
-    pos = at + len(q)
+    pos = 0
     for i, t in enumerate(tails):
         header = tok.encode(f"\n\n[Attempt {i + 1}] ...", add_special_tokens=False)
         h = find(ids, header, pos)
         assert h >= 0 and ids[h + len(header): h + len(header) + len(t)] == t
         pos = h + len(header) + len(t)
+    # the problem is intact: its ids appear contiguously, once, after every tail (right before the answer)
+    q = tok.encode(p.question, add_special_tokens=False)
+    at = find(ids, q, pos)
+    assert at >= pos and find(ids, q, at + 1) == -1
     # exact length by construction, and the text rendering is the same prompt (ASCII content: decodes identically)
     assert len(ids) == len(q) + sum(map(len, tails)) + fixed_overhead(tok, C)
     assert build_aggregation_prompt_text(tok, p.question, tails) == text
@@ -133,8 +134,12 @@ def test_expert_examples(tok, problems):
     for p, ex in zip(problems, exs):
         prompt, target = loss_part(ex)
         assert prompt[-1] == cid.assistant and prompt[:2] == [cid.bos, cid.user]
-        # loss exactly on the gold response and its closing <|end|>
-        assert target == tok.encode(p.response(), add_special_tokens=False) + [cid.end]
+        # loss exactly on the aggregation response (check the candidates shown, keep the first that checks out,
+        # else solve) and its closing <|end|>; it always ends at the gold answer
+        shown = re.findall(r"\\boxed\{(-?\d+)\}", tok.decode(prompt, skip_special_tokens=False))
+        if len(shown) == C:
+            assert target == tok.encode(aggregation_response(p, shown), add_special_tokens=False) + [cid.end]
+        assert tok.decode(target).endswith(f"\\boxed{{{p.answer}}}<|end|>")
         text = tok.decode(prompt, skip_special_tokens=False)
         assert f"[Attempt {C}]" in text and f"[Attempt {C + 1}]" not in text and p.question in text
         assert len(prompt) <= len(tok.encode(p.question, add_special_tokens=False)) + C * tau + fixed_overhead(tok, C)
@@ -184,15 +189,19 @@ def test_self_examples(tok, problems):
     # one batched call with C plain chat prompts per problem, problem-major
     assert seen == [encode_chat(tok, p.question)[0] for p in problems for _ in range(C)]
     assert len(exs) == len(problems) and stats["candidates"] == C * len(problems)
-    assert 0 < stats["sampled_targets"] <= stats["verified_correct"]
+    assert 0 < stats["verified_correct"] < C * len(problems)  # the model's own right AND wrong samples
     for p, ex in zip(problems, exs):
         prompt, target = loss_part(ex)
         assert cid.end not in prompt[:-2] and cid.pad not in prompt       # tails cut before <|end|> and padding
         assert tok.decode(target).endswith(f"\\boxed{{{p.answer}}}<|end|>")  # target is a correct response
-    # without a verifier the target is the gold CoT response
-    gold = self_aggregation_examples(problems, C, tau, tok, sample_fn)
-    for p, ex in zip(problems, gold):
-        assert loss_part(ex)[1] == tok.encode(p.response(), add_special_tokens=False) + [cid.end]
+    # the target checks the candidates it was shown (the answers readable in their tails), whatever the verifier
+    again = self_aggregation_examples(problems, C, tau, tok, sample_fn)
+    for p, ex in zip(problems, again):
+        prompt, target = loss_part(ex)
+        text = tok.decode(target, skip_special_tokens=False)
+        shown = [a for a in re.findall(r"\\boxed\{(-?\d+)\}", tok.decode(prompt, skip_special_tokens=False))]
+        assert text == aggregation_response(p, shown) + "<|end|>" or len(shown) < C  # a tail may cut its answer
+        assert text.startswith("<think>A1 ") or p.task not in CHECKERS
     with pytest.raises(ValueError, match="returned 1 completions"):
         self_aggregation_examples(problems, C, tau, tok, lambda prompts: [[10]])
 
@@ -212,3 +221,17 @@ def test_mix_ratio():
     assert mix_sft_with_aggregation(plain, agg, 1.0)[1]["plain"] == 0
     with pytest.raises(ValueError, match="ratio must be in"):
         mix_sft_with_aggregation(plain, agg, 1.5)
+
+
+def test_expert_examples_with_later_round_candidates(tok, problems):
+    """later_round_frac=1: every candidate is written as an aggregation round writes it (checks, then an answer);
+    0 leaves the plain candidates (and the rng stream) exactly as before."""
+    C, tau = 2, 40
+    plain = expert_aggregation_examples(problems, C, tau, tok, random.Random(5))
+    assert expert_aggregation_examples(problems, C, tau, tok, random.Random(5), later_round_frac=0.0) == plain
+    later = expert_aggregation_examples(problems, C, tau, tok, random.Random(5), later_round_frac=1.0)
+    texts = [tok.decode(loss_part(ex)[0], skip_special_tokens=False) for ex in later]
+    assert len(later) == len(problems) and later != plain
+    assert sum(bool(re.search(r"ok\. →|solve: ", t)) for t in texts) >= len(texts) // 2  # endings of checks
+    with pytest.raises(ValueError, match="later_round_frac"):
+        expert_aggregation_examples(problems, C, tau, tok, random.Random(5), later_round_frac=2.0)

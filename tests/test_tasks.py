@@ -6,19 +6,28 @@ import re
 import pytest
 
 from zaya_lib.data.tasks import (
-    DEFAULT_REASONING_SUITE, MAX_DIFFICULTY, TASKS, corrupt_rollout, cot_final, is_heldout, make_problems, make_suite,
+    ARROW, CHECKERS, DEFAULT_REASONING_SUITE, MAX_DIFFICULTY, TASKS, aggregation_response, aggregation_rollout,
+    check_candidate,
+    corrupt_rollout, cot_final, is_heldout, make_problems, make_suite, split_of,
 )
 
 RESPONSE_RE = re.compile(r"^<think>([^<>]*)</think>\\boxed\{(-?\d+)\}$")
 MAX_RE = re.compile(r"^max\((-?\d+),(-?\d+)\)=(-?\d+)$")
 ARITH_RE = re.compile(r"^-?\d+(?:[-+*/]-?\d+)*$")
+DIV_RE = re.compile(r"^(\d+)/(\d+)=(\d+)$")
+REM_RE = re.compile(r"^r(\d+)$")
 
 
 def false_claims(cot: str) -> list[str]:
     """Every `lhs=rhs[=...]` piece of a CoT whose evaluable sides disagree (sides with `x` are skipped)."""
     bad = []
-    for piece in cot.split():
-        if m := MAX_RE.match(piece):
+    pieces = cot.split()
+    for i, piece in enumerate(pieces):
+        if (m := DIV_RE.match(piece)) and i + 1 < len(pieces) and (r := REM_RE.match(pieces[i + 1])):
+            a, b, q = map(int, m.groups())  # long division: `33/7=4 r5` claims 33 = 7*4 + 5 with 0 <= 5 < 7
+            if a != b * q + int(r.group(1)) or not 0 <= int(r.group(1)) < b:
+                bad.append(f"{piece} {pieces[i + 1]}")
+        elif m := MAX_RE.match(piece):
             a, b, c = map(int, m.groups())
             if max(a, b) != c:
                 bad.append(piece)
@@ -87,8 +96,10 @@ def test_deterministic_and_distinct():
 def test_heldout_disjoint(task):
     train = {p.question for s in (0, 1) for p in make_problems(task, 150, seed=s, difficulty=1)}
     test = {p.question for s in (0, 1) for p in make_problems(task, 30, seed=s, difficulty=1, split="test")}
-    assert train and test and not (train & test)
-    assert all(is_heldout(task, q) for q in test) and not any(is_heldout(task, q) for q in train)
+    val = {p.question for s in (0, 1) for p in make_problems(task, 30, seed=s, difficulty=1, split="val")}
+    assert train and test and val and not (train & test) and not (train & val) and not (val & test)
+    assert all(is_heldout(task, q) for q in test) and not any(is_heldout(task, q) for q in train | val)
+    assert {split_of(task, q) for q in val} == {"val"} and {split_of(task, q) for q in train} == {"train"}
 
 
 def test_suite_and_errors():
@@ -102,6 +113,60 @@ def test_suite_and_errors():
     with pytest.raises(ValueError, match="difficulty"):
         make_problems("add", 1, difficulty=9)
     with pytest.raises(ValueError, match="split"):
-        make_problems("add", 1, split="val")
+        make_problems("add", 1, split="dev")
+    assert len(make_problems("linear_eq", 500, difficulty=1, split="test", allow_fewer=True)) < 500
     with pytest.raises(ValueError, match="distinct"):  # only ~45 held-out questions exist at this level
         make_problems("linear_eq", 500, difficulty=1, split="test")
+
+
+@pytest.mark.parametrize("task", sorted(CHECKERS))
+@pytest.mark.parametrize("difficulty", [1, 2, 3, 5])
+def test_checks_accept_the_answer_and_reject_realistic_mistakes(task, difficulty):
+    """The inverse-operation check lands back on the question for the gold answer and never for a wrong one; every
+    `a op b = c` claim in a check trace is true arithmetic."""
+    rng = random.Random(7)
+    for p in make_problems(task, 60, seed=3, difficulty=difficulty):
+        trace, ok = check_candidate(p, p.answer)
+        assert ok is True, (p.question, trace)
+        assert false_claims(trace) == [], trace
+        wrong = corrupt_rollout(p, rng).rsplit("boxed{", 1)[1][:-1]
+        trace, ok = check_candidate(p, wrong)
+        assert ok is False, (p.question, wrong, trace)
+        assert false_claims(trace) == [], trace
+    assert check_candidate(p, "x7") == ("none", False) and check_candidate(p, None) == ("none", False)
+
+
+def test_division_task():
+    for d in range(1, 6):
+        for p in make_problems("div", 80, seed=1, difficulty=d):
+            n, k = p.metadata["n"], p.metadata["d"]
+            assert n == int(p.answer) * k and 2 <= k <= 9 and len(p.answer) == {1: 2, 2: 3, 3: 4, 4: 5, 5: 6}[d]
+            assert cot_final(p.cot) == p.answer and p.cot.split(f" {ARROW}")[0].endswith(" r0")
+    p = make_problems("div", 1, seed=0, difficulty=2)[0]
+    assert p.question == f"Compute {p.metadata['n']}/{p.metadata['d']}."
+
+
+def test_aggregation_response_checks_in_order_and_falls_back_to_solving():
+    p = make_problems("add", 1, seed=2, difficulty=2)[0]
+    wrong = str(int(p.answer) + 10)
+    r = aggregation_response(p, [wrong, wrong, p.answer])
+    body = r.split("<think>")[1].split("</think>")[0]
+    assert body.startswith(f"A1 {wrong}: ") and f"A2 {wrong} same." in body and f"A3 {p.answer}: " in body
+    assert body.endswith(f"ok. {ARROW}{p.answer}") and r.endswith(f"\\boxed{{{p.answer}}}")
+    r = aggregation_response(p, [None, wrong])  # nothing checks out: solve afresh
+    assert "A1 none." in r and " no. solve: " + p.cot in r and r.endswith(f"\\boxed{{{p.answer}}}")
+    q = make_problems("count_letter", 1, seed=2, difficulty=2)[0]  # no checker: the plain solve
+    assert aggregation_response(q, ["1", "2"]) == q.response()
+
+
+def test_aggregation_rollouts_are_right_or_wrong_as_asked():
+    rng = random.Random(3)
+    for task in sorted(CHECKERS):
+        for p in make_problems(task, 20, seed=4, difficulty=2):
+            right, wrong = aggregation_rollout(p, rng, True), aggregation_rollout(p, rng, False)
+            assert right.startswith("<think>A1 ") and right.endswith(f"\\boxed{{{p.answer}}}")
+            ans = wrong.rsplit("boxed{", 1)[1][:-1]
+            assert wrong.startswith("<think>A1 ") and " no. solve: " in wrong and ans != p.answer
+            assert cot_final(wrong.split("</think>")[0]) == ans  # the wrong solve arrives where it says
+    q = make_problems("count_letter", 1, seed=2, difficulty=2)[0]
+    assert aggregation_rollout(q, rng, True) == q.response()

@@ -26,7 +26,8 @@ from __future__ import annotations
 import random
 from typing import Any, Callable, Sequence
 
-from zaya_lib.data.tasks import Problem, corrupt_rollout
+from zaya_lib.data.answers import extract_answer
+from zaya_lib.data.tasks import Problem, aggregation_response, aggregation_rollout, corrupt_rollout
 from zaya_lib.data.tokenizer import ChatIds, chat_ids, encode_chat, encode_text
 from zaya_lib.data.trimming import EncodedSample, EncodedTurn, split_thinking, trim
 
@@ -39,21 +40,23 @@ __all__ = [
 Sample = tuple[list[int], list[int]]  # (ids, loss_mask)
 
 # Fixed wording, in pieces. The prompt is:
-#   <bos><|user|> INTRO(k) problem CANDIDATES_HEAD [ HEADER(i) tail_i ]*k CLOSING <|end|><|assistant|>
+#   <bos><|user|> INTRO(k) [ HEADER(i) tail_i ]*k PROBLEM_HEAD problem CLOSING <|end|><|assistant|>
+# The problem comes LAST, right before the answer: an aggregator that checks candidates copies the problem's numbers,
+# and with the problem first the tiny model copied digits from the tails in between instead (measured, issue 18).
 # Kept short on purpose: the wording is paid in every aggregation call, and the tiny profile's contexts are small.
-_INTRO = "Solve the problem. Below are the endings of {k} earlier attempts; any of them may be wrong.\n\nProblem:\n"
-_CANDIDATES_HEAD = "\n\nAttempts (may contain mistakes):"
+_INTRO = "Below are the endings of {k} earlier attempts at a problem; any of them may be wrong."
 _HEADER = "\n\n[Attempt {i}] ..."
-_CLOSING = "\n\nCheck them, reason step by step, and give the final answer in \\boxed{}."
+_PROBLEM_HEAD = "\n\nProblem:\n"
+_CLOSING = "\n\nCheck the attempts, reason step by step, and give the final answer in \\boxed{}."
 
 
-def _pieces(tokenizer: Any, k: int, ids: ChatIds) -> tuple[list[int], list[int], list[list[int]], list[int]]:
-    """Token ids of the fixed pieces for k tails: (head, candidates_head, headers[k], closing + turn switch)."""
+def _pieces(tokenizer: Any, k: int, ids: ChatIds) -> tuple[list[int], list[list[int]], list[int], list[int]]:
+    """Token ids of the fixed pieces for k tails: (head, headers[k], problem head, closing + turn switch)."""
     head = [ids.bos, ids.user] + encode_text(tokenizer, _INTRO.format(k=k))
-    cand = encode_text(tokenizer, _CANDIDATES_HEAD)
     headers = [encode_text(tokenizer, _HEADER.format(i=i + 1)) for i in range(k)]
+    prob = encode_text(tokenizer, _PROBLEM_HEAD)
     close = encode_text(tokenizer, _CLOSING) + [ids.end, ids.assistant]
-    return head, cand, headers, close
+    return head, headers, prob, close
 
 
 def tail(ids: Sequence[int], tau: int) -> list[int]:
@@ -87,8 +90,8 @@ def fixed_overhead(tokenizer: Any, k: int) -> int:
     """Tokens of wording and chat markers in an aggregation prompt with `k` tails (everything but problem and tails)."""
     if not isinstance(k, int) or k <= 0:
         raise ValueError(f"number of tails k must be a positive int, got {k!r}")
-    head, cand, headers, close = _pieces(tokenizer, k, chat_ids(tokenizer))
-    return len(head) + len(cand) + sum(map(len, headers)) + len(close)
+    head, headers, prob, close = _pieces(tokenizer, k, chat_ids(tokenizer))
+    return len(head) + sum(map(len, headers)) + len(prob) + len(close)
 
 
 def _validate(problem: str, tails: Sequence[Sequence[int]], tau: int | None, ids: ChatIds) -> None:
@@ -111,18 +114,18 @@ def _validate(problem: str, tails: Sequence[Sequence[int]], tau: int | None, ids
 def build_aggregation_prompt_ids(tokenizer: Any, problem: str, tails: Sequence[Sequence[int]],
                                  tau: int | None = None) -> list[int]:
     """Chat-formatted aggregation prompt ids, ending with `<|assistant|>`:
-    `<bos><|user|>{intro}{problem}{candidates head}([Attempt i] ...{tail_i})*k{closing}<|end|><|assistant|>`.
+    `<bos><|user|>{intro}([Attempt i] ...{tail_i})*k{problem head}{problem}{closing}<|end|><|assistant|>`.
 
     Length = len(problem ids) + sum of tail lengths + fixed_overhead(tokenizer, len(tails)), exactly.
     With `tau`, a tail longer than tau is an error.
     """
     ids = chat_ids(tokenizer)
     _validate(problem, tails, tau, ids)
-    head, cand, headers, close = _pieces(tokenizer, len(tails), ids)
-    out = head + encode_text(tokenizer, problem) + cand
+    head, headers, prob, close = _pieces(tokenizer, len(tails), ids)
+    out = list(head)
     for h, t in zip(headers, tails):
         out += h + [int(x) for x in t]
-    return out + close
+    return out + prob + encode_text(tokenizer, problem) + close
 
 
 def build_aggregation_prompt_text(tokenizer: Any, problem: str, tails: Sequence[Sequence[int]],
@@ -133,7 +136,7 @@ def build_aggregation_prompt_text(tokenizer: Any, problem: str, tails: Sequence[
     k = len(tails)
     body = "".join(_HEADER.format(i=i + 1) + tokenizer.decode([int(x) for x in t], skip_special_tokens=False)
                    for i, t in enumerate(tails))
-    return f"<bos><|user|>{_INTRO.format(k=k)}{problem}{_CANDIDATES_HEAD}{body}{_CLOSING}<|end|><|assistant|>"
+    return f"<bos><|user|>{_INTRO.format(k=k)}{body}{_PROBLEM_HEAD}{problem}{_CLOSING}<|end|><|assistant|>"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -159,6 +162,11 @@ def aggregation_sft_example(tokenizer: Any, problem: str, tails: Sequence[Sequen
         return sample.render()
     r = trim(sample, max_len)
     return None if r.ids is None else (r.ids, r.loss_mask)
+
+
+def _tail_answer(tokenizer: Any, tail_ids: Sequence[int]) -> str | None:
+    """The final answer an aggregator can read in a tail (the project's answer rule on the decoded tail)."""
+    return extract_answer(tokenizer.decode([int(x) for x in tail_ids], skip_special_tokens=False))
 
 
 def _check_common(C: int, tau: int, tokenizer: Any, max_len: int | None) -> None:
@@ -188,26 +196,34 @@ def _keep(out: list[Sample], example: Sample | None, stats: dict | None) -> None
 
 def expert_aggregation_examples(problems: Sequence[Problem], C: int, tau: int, tokenizer: Any, rng: random.Random,
                                 p_correct: float = 0.5, max_len: int | None = None,
-                                stats: dict | None = None) -> list[Sample]:
+                                stats: dict | None = None, later_round_frac: float = 0.0) -> list[Sample]:
     """Expert-aggregation SFT examples: per problem, C candidates from the programmatic solver, each correct
     (`Problem.response()`) with probability `p_correct` or else a rollout with one realistic mistake
-    (`corrupt_rollout`), so examples range from all-wrong to all-right; their tails (last tau ids) go into the
-    aggregation prompt and the target is the gold response. `stats` (optional dict) receives counts:
-    examples, dropped (did not fit max_len), correct_candidates, candidates.
+    (`corrupt_rollout`), so examples range from all-wrong to all-right; a fraction `later_round_frac` of the
+    candidates are written as an earlier aggregation round would write them (`tasks.aggregation_rollout`). Their
+    tails (last tau ids) go into the aggregation prompt; the target checks the answers shown
+    (`tasks.aggregation_response`). `stats` (optional dict) receives counts: examples, dropped (did not fit
+    max_len), correct_candidates, candidates.
     """
     _check_common(C, tau, tokenizer, max_len)
     if not 0.0 <= p_correct <= 1.0:
         raise ValueError(f"p_correct must be in [0, 1], got {p_correct}")
+    if not 0.0 <= later_round_frac <= 1.0:
+        raise ValueError(f"later_round_frac must be in [0, 1], got {later_round_frac}")
     out = []
     for p in problems:
         cands, n_ok = [], 0
         for _ in range(C):
             ok = rng.random() < p_correct
             n_ok += ok
-            cands.append(p.response() if ok else corrupt_rollout(p, rng, error_rate=1.0))
+            if later_round_frac > 0 and rng.random() < later_round_frac:  # written by an earlier aggregation round
+                cands.append(aggregation_rollout(p, rng, ok))
+            else:
+                cands.append(p.response() if ok else corrupt_rollout(p, rng, error_rate=1.0))
         # response text -> the ids a model would have written (think markers become their single ids)
         tails = [tail(encode_text(tokenizer, c), tau) for c in cands]
-        ex = aggregation_sft_example(tokenizer, p.question, tails, p.response(), tau=tau, max_len=max_len)
+        target = aggregation_response(p, [_tail_answer(tokenizer, t) for t in tails])
+        ex = aggregation_sft_example(tokenizer, p.question, tails, target, tau=tau, max_len=max_len)
         _record(stats, "candidates", C)
         _record(stats, "correct_candidates", n_ok)
         _keep(out, ex, stats)
@@ -236,17 +252,15 @@ def self_aggregation_examples(problems: Sequence[Problem], C: int, tau: int, tok
     out = []
     for j, p in enumerate(problems):
         traces = [completion_trace(tokenizer, c) for c in completions[j * C:(j + 1) * C]]
-        target = p.response()
+        tails = [tail(t, tau) for t in traces]
+        # The target checks the candidates the model itself wrote (right and wrong ones) and keeps the first that
+        # checks out, else solves afresh (`tasks.aggregation_response`).
+        target = aggregation_response(p, [_tail_answer(tokenizer, t) for t in tails])
         _record(stats, "candidates", C)
         if verify_fn is not None:
             texts = [tokenizer.decode(t, skip_special_tokens=False) for t in traces]
-            good = [t for t in texts if verify_fn(p, t)]
-            _record(stats, "verified_correct", len(good))
-            if good:
-                target = rng.choice(good)
-                _record(stats, "sampled_targets")
-        _keep(out, aggregation_sft_example(tokenizer, p.question, [tail(t, tau) for t in traces], target,
-                                           tau=tau, max_len=max_len), stats)
+            _record(stats, "verified_correct", sum(bool(verify_fn(p, t)) for t in texts))
+        _keep(out, aggregation_sft_example(tokenizer, p.question, tails, target, tau=tau, max_len=max_len), stats)
     return out
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import os
+import itertools
 import random
 import re
 import sysconfig
@@ -278,7 +279,8 @@ def _spread(n: int, keys: list, rng: random.Random) -> list:
 def math_corpus(n: int, seed: int = 0, tasks: list[str] | None = None,
                 difficulties: list[int] | None = None) -> Dataset:
     """`n` reasoning chats (category "math"): training-split problems of `tasks` (default all) at `difficulties`
-    (default 1..5), spread evenly, each `<|user|>question<|end|><|assistant|><think>cot</think>\\boxed{a}<|end|>`."""
+    (default 1..5), spread evenly, each `<|user|>question<|end|><|assistant|><think>cot</think>\\boxed{a}<|end|>`.
+    Where a (task, level) has fewer distinct training problems than its share, they repeat."""
     _check_n(n, "math_corpus")
     tasks = list(tasks or TASKS)
     difficulties = list(difficulties or range(1, MAX_DIFFICULTY + 1))
@@ -287,7 +289,9 @@ def math_corpus(n: int, seed: int = 0, tasks: list[str] | None = None,
     counts: dict = {}
     for k in keys:
         counts[k] = counts.get(k, 0) + 1
-    pools = {k: iter(make_problems(k[0], c, seed=seed, difficulty=k[1])) for k, c in sorted(counts.items())}
+    # a small question space (e.g. 2-digit x 1-digit at level 1) is cycled: its problems repeat, none is invented
+    pools = {k: itertools.cycle(make_problems(k[0], c, seed=seed, difficulty=k[1], allow_fewer=True))
+             for k, c in sorted(counts.items())}
     rows = []
     for k in keys:
         p = next(pools[k])

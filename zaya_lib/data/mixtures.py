@@ -27,7 +27,7 @@ MIXTURES: dict[str, dict[str, float]] = {
     # broad pretraining: mostly prose, some code, reasoning traces from the start (with AP-trimming downstream)
     "pretrain_phase1": {"web": 0.50, "code": 0.20, "math": 0.20, "instruct": 0.10},
     # second pretraining phase: code, math/reasoning and instruction-formatted data upweighted
-    "pretrain_phase2": {"web": 0.20, "code": 0.25, "math": 0.35, "instruct": 0.20},
+    "pretrain_phase2": {"web": 0.09, "code": 0.21, "math": 0.50, "instruct": 0.20},
     # midtraining (long context, larger RoPE base): reasoning-heavy
     "midtrain": {"web": 0.10, "code": 0.15, "math": 0.55, "instruct": 0.20},
     # SFT: chats only (zero weights are dropped, not renormalised into)

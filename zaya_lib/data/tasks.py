@@ -25,11 +25,13 @@ from typing import Callable
 
 __all__ = [
     "Problem", "Task", "TASKS", "make_problems", "make_suite", "corrupt_rollout", "format_response",
-    "DEFAULT_REASONING_SUITE", "MAX_DIFFICULTY", "HELDOUT_BUCKETS", "is_heldout", "cot_final",
+    "DEFAULT_REASONING_SUITE", "MAX_DIFFICULTY", "HELDOUT_BUCKETS", "SPLITS", "is_heldout", "split_of", "cot_final",
+    "CHECKERS", "check_candidate", "aggregation_response", "aggregation_rollout",
 ]
 
 MAX_DIFFICULTY = 5
-HELDOUT_BUCKETS = 8  # 1/8 of the question space is reserved for evaluation
+HELDOUT_BUCKETS = 8  # 1/8 of the question space is held out for the claims ("test"), 1/8 for calibration ("val")
+SPLITS = ("train", "val", "test")
 ARROW = "→"  # marks the CoT's final result: "... →861"
 
 
@@ -168,6 +170,36 @@ def _solve_mul1(m: dict, f: _Fault) -> tuple[str, str]:
     return " ".join(parts) + f" {ARROW}{total}", str(total)
 
 
+def _solve_div(m: dict, f: _Fault) -> tuple[str, str]:
+    """Exact division n/d, d one digit, long division left to right: `33/7=4 r5 50/7=7 r1 14/7=2 r0 →472`.
+    The first chunk takes digits until it reaches d; each later chunk is the remainder times ten plus the next digit.
+    Mistakes: an off-by-one remainder (carried into the next chunk), a quotient digit written off by one."""
+    n, d = m["n"], m["d"]
+    ds = str(n)
+    chunk, i = int(ds[0]), 1
+    while chunk < d and i < len(ds):
+        chunk, i = chunk * 10 + int(ds[i]), i + 1
+    parts, qs, step = [], [], 0
+    while True:
+        q, r = divmod(chunk, d)
+        kind = f.choice(("rem", "quot")) if f.at(step) else None
+        if kind == "rem":
+            r = r + 1 if r + 1 < d else r - 1 if r > 0 else r + 1
+        elif kind == "quot":
+            q = _off_by_one(q, f) % 10
+        parts.append(f"{chunk}/{d}={q} r{r}")
+        qs.append(str(q))
+        if i >= len(ds):
+            break
+        chunk, i, step = r * 10 + int(ds[i]), i + 1, step + 1
+    quotient = int("".join(qs))
+    return " ".join(parts) + f" {ARROW}{quotient}", str(quotient)
+
+
+def _n_div_steps(m: dict) -> int:
+    return len(_solve_div(m, _NO_FAULT)[0].split()) // 2
+
+
 def _solve_max(m: dict, f: _Fault) -> tuple[str, str]:
     """Running maximum: `max(472,389)=472 max(472,501)=501 →501`. Mistake: keep the smaller at one comparison."""
     xs = m["xs"]
@@ -268,6 +300,7 @@ def _solve_signed_chain(m: dict, f: _Fault) -> tuple[str, str]:
 _ADD_DIGITS = {1: 2, 2: 3, 3: 4, 4: 5, 5: 6}
 _CHAIN = {1: (3, 2), 2: (3, 3), 3: (4, 3), 4: (4, 4), 5: (5, 4)}  # (operands, digits)
 _MUL_DIGITS = {1: 2, 2: 3, 3: 4, 4: 5, 5: 6}
+_DIV_DIGITS = {1: 2, 2: 3, 3: 4, 4: 5, 5: 6}  # quotient digits
 _MAX = {1: (3, 2), 2: (4, 3), 3: (5, 3), 4: (6, 4), 5: (8, 4)}  # (list length, digits)
 _DSUM_DIGITS = {1: 3, 2: 5, 3: 7, 4: 9, 5: 12}
 _WORD_LEN = {1: 6, 2: 10, 3: 14, 4: 18, 5: 24}
@@ -305,6 +338,12 @@ def _gen_chain(rng, d):
 def _gen_mul1(rng, d):
     a, k = _num(rng, _MUL_DIGITS[d]), rng.randrange(2, 10)
     return f"Compute {a}*{k}.", {"a": a, "d": k, "gold": a * k}
+
+
+def _gen_div(rng, d):
+    q, k = _num(rng, _DIV_DIGITS[d]), rng.randrange(2, 10)
+    q = max(q, 1)
+    return f"Compute {q * k}/{k}.", {"n": q * k, "d": k, "gold": q}
 
 
 def _gen_max(rng, d):
@@ -385,6 +424,7 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Task("sub", _gen_sub, _solve_sub, lambda m: len(str(m["a"])), "subtraction a-b>=0 with borrows"),
     Task("chain_sum", _gen_chain, lambda m, f: _solve_columns(m["nums"], f), _n_cols, "multi-operand column sum"),
     Task("mul1", _gen_mul1, _solve_mul1, lambda m: len(str(m["a"])), "multi-digit times one digit"),
+    Task("div", _gen_div, _solve_div, _n_div_steps, "exact division by one digit, long-division CoT"),
     Task("max", _gen_max, _solve_max, lambda m: len(m["xs"]) - 1, "largest of a list, running max"),
     Task("digit_sum", _gen_digit_sum, _solve_digit_sum, lambda m: len(str(m["n"])) - 1, "sum of the digits"),
     Task("count_letter", _gen_count_letter, _solve_count_letter, lambda m: len(m["word"]), "count a letter"),
@@ -394,19 +434,16 @@ TASKS: dict[str, Task] = {t.name: t for t in [
          "reasoning-gym chain_sum (+/-), running CoT"),
 ]}
 
-# Held-out evaluation mixture used by the notebooks: (task, difficulty). Chosen above what the calibration run
-# saturated (2-4 digit a+b was solved after 2 minutes), so a tiny model after ~8 min of pretraining + SFT should land
-# inside 0.2-0.8 pass@1; shift all levels with make_suite(difficulty_offset=...).
+# Held-out evaluation mixture used by the notebooks: (task, difficulty). Every family has a cheap check by the inverse
+# operation (CHECKERS below), so an aggregator can check candidates instead of counting them (issue 18): a+b, a-b,
+# a*d, n/d and a*x+b=c. Levels were chosen on the validation split (README, calibration notes), never on this one;
+# shift all levels with make_suite(difficulty_offset=...).
 DEFAULT_REASONING_SUITE: tuple[tuple[str, int], ...] = (
-    # Difficulty 2 throughout: the tiny profile's model (3.5M parameters, ~35 CPU-minutes of training) has to land
-    # between ~0.2 and 0.8 pass@1 after SFT for RL and test-time compute to have room (spec/calibration.md); at the
-    # earlier levels 3-4 it scored ~0.01. Larger profiles raise it with the notebooks' difficulty offsets.
-    ("add", 2),          # 3-digit + 3-digit
-    ("sub", 2),          # 3-digit borrows
-    ("chain_sum", 2),    # a few 2-3 digit operands
-    ("mul1", 2),         # 3 digits x 1 digit
-    ("linear_eq", 2),    # a*x+b=c
-    ("count_letter", 2), # short words
+    ("add", 2),          # 3-digit + 3-digit, checked by s-b
+    ("sub", 2),          # 3-digit borrows, checked by r+b
+    ("mul1", 2),         # 3 digits x 1 digit, checked by p/d
+    ("div", 2),          # 3-digit quotient, one-digit divisor, checked by q*d
+    ("linear_eq", 2),    # a*x+b=c, checked by substituting x
 )
 
 
@@ -424,6 +461,13 @@ def is_heldout(task: str, question: str) -> bool:
     return _question_bucket(task, question) == 0
 
 
+def split_of(task: str, question: str) -> str:
+    """"test" (bucket 0: held out, for the claims), "val" (bucket 1: for choosing difficulties and budgets, never
+    trained on) or "train" (the other buckets)."""
+    b = _question_bucket(task, question)
+    return "test" if b == 0 else "val" if b == 1 else "train"
+
+
 def _check(task: str, difficulty: int) -> Task:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known tasks: {sorted(TASKS)}")
@@ -432,19 +476,19 @@ def _check(task: str, difficulty: int) -> Task:
     return TASKS[task]
 
 
-def make_problems(task: str, n: int, seed: int = 0, difficulty: int = 1, split: str = "train") -> list[Problem]:
+def make_problems(task: str, n: int, seed: int = 0, difficulty: int = 1, split: str = "train",
+                  allow_fewer: bool = False) -> list[Problem]:
     """`n` distinct problems of `task` at `difficulty`, deterministic given (task, n, seed, difficulty, split).
 
-    `split="train"` and `split="test"` draw from different seed streams and from disjoint halves of the question space
-    (`is_heldout`), so no held-out question is ever a training question. Raises ValueError when the space at this
-    difficulty is too small for `n` distinct problems.
+    `split` "train", "val" and "test" draw from different seed streams and from disjoint parts of the question space
+    (`split_of`), so no held-out or validation question is ever a training question. Raises ValueError when the space at this
+    difficulty is too small for `n` distinct problems, unless `allow_fewer` (then it returns the ones it found).
     """
     t = _check(task, difficulty)
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    want_heldout = split == "test"
     # String seeds are hashed with SHA-512 by random.Random: stable across runs and PYTHONHASHSEED.
     rng = random.Random(f"zaya-tasks|{task}|{split}|{difficulty}|{seed}")
     out, seen, tries = [], set(), 0
@@ -452,10 +496,12 @@ def make_problems(task: str, n: int, seed: int = 0, difficulty: int = 1, split: 
     while len(out) < n:
         tries += 1
         if tries > max_tries:
+            if allow_fewer:
+                break
             raise ValueError(f"task {task!r} at difficulty {difficulty}: could only find {len(out)} distinct {split} "
                              f"problems of the {n} asked; lower n or raise the difficulty")
         question, meta = t.generate(rng, difficulty)
-        if question in seen or is_heldout(task, question) != want_heldout:
+        if question in seen or split_of(task, question) != split:
             continue
         seen.add(question)
         cot, answer = t.solve(meta, _NO_FAULT)
@@ -499,3 +545,133 @@ def corrupt_rollout(problem: Problem, rng: random.Random, error_rate: float = 1.
     wrong = str(int(problem.answer) + rng.choice((-1, 1)))
     body, _ = problem.cot.rsplit(ARROW, 1)
     return format_response(f"{body}{ARROW}{wrong}", wrong)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Checking a candidate answer (what an aggregator does with the endings of earlier attempts)
+#
+# RSA beats voting when an aggregator can check candidates instead of only counting them [RSA paper §4; issue 18].
+# A check is a computation in the solvers' compact CoT format that ends `→R want E`, then `ok` when R equals E: the
+# value it must land on is written right beside the result, so the verdict is a comparison of two adjacent numbers
+# (measured: when E stayed in the question, the tiny model's verdicts were near chance). Where the inverse operation
+# is a skill the model has (a-b=r checked by r+b, n/d=q by q*d, a*x+b=c by substituting x) the check runs it; where
+# it is harder than the solve (s-b for a sum, p/d for a product) the check redoes the forward computation and
+# compares with the candidate. Tasks without a cheap check (count_letter, max, ...) have no checker: an aggregator
+# re-solves them.
+
+
+def _as_int(answer: str | None) -> int | None:
+    if answer is None:
+        return None
+    a = answer.strip()
+    if a.startswith("-"):
+        return -int(a[1:]) if a[1:].isdigit() else None
+    return int(a) if a.isdigit() else None
+
+
+def _compare(r: int, e: int) -> str:
+    """`want E:` then the digits of R and E compared right to left up to the first mismatch (`_` where a number has
+    no digit): `want 823: 3|3= 2|2= 8|8=`, `want 823: 1|3≠`. Each verdict is on two digits just written, which a
+    tiny model gets right where it does not get `R == E` right as a whole (measured: whole-number verdicts were near
+    chance; with the verdict written between the digits, `8≠8` appeared)."""
+    rs, es = str(r)[::-1], str(e)[::-1]
+    parts = []
+    for i in range(max(len(rs), len(es))):
+        a, b = (rs[i] if i < len(rs) else "_"), (es[i] if i < len(es) else "_")
+        parts.append(f"{a}|{b}" + ("=" if a == b else "≠"))  # both digits first, then the verdict on them
+        if a != b:
+            break
+    return f"want {e}: " + " ".join(parts)
+
+
+def _check_add(m: dict, x: int) -> tuple[str, bool]:
+    a, b = m["nums"]
+    cot, s = _solve_columns([a, b], _NO_FAULT)  # addition is the model's surest skill: redo it, compare with x
+    return f"{a}+{b}: {cot} {_compare(int(s), x)}", int(s) == x
+
+
+def _check_sub(m: dict, x: int) -> tuple[str, bool]:
+    if x < 0:
+        return f"{x}<0", False
+    cot, s = _solve_columns([x, m["b"]], _NO_FAULT)
+    return f"{x}+{m['b']}: {cot} {_compare(int(s), m['a'])}", int(s) == m["a"]
+
+
+def _check_mul1(m: dict, x: int) -> tuple[str, bool]:
+    cot, p = _solve_mul1({"a": m["a"], "d": m["d"]}, _NO_FAULT)  # division is harder than the product: redo it
+    return f"{m['a']}*{m['d']}: {cot} {_compare(int(p), x)}", int(p) == x
+
+
+def _check_div(m: dict, x: int) -> tuple[str, bool]:
+    if x <= 0:
+        return f"{x}<1", False
+    cot, p = _solve_mul1({"a": x, "d": m["d"]}, _NO_FAULT)
+    return f"{x}*{m['d']}: {cot} {_compare(int(p), m['n'])}", int(p) == m["n"]
+
+
+def _check_linear(m: dict, x: int) -> tuple[str, bool]:
+    a, b, c = m["a"], m["b"], m["c"]
+    ax = a * x
+    return f"{a}*{x}={ax} {ax}{'+' if b > 0 else '-'}{abs(b)}={ax + b} {_compare(ax + b, c)}", ax + b == c
+
+
+CHECKERS: dict[str, Callable[[dict, int], tuple[str, bool]]] = {
+    "add": _check_add, "sub": _check_sub, "mul1": _check_mul1, "div": _check_div, "linear_eq": _check_linear,
+}
+
+
+def check_candidate(problem: Problem, answer: str | None) -> tuple[str, bool | None]:
+    """(check trace, verdict) for a candidate `answer` of `problem`: the inverse-operation CoT and whether it lands
+    back on the question (True/False); (trace, None) for a task without a checker or an answer that is no integer."""
+    x = _as_int(answer)
+    if x is None:
+        return "none", False
+    check = CHECKERS.get(problem.task)
+    if check is None:
+        return str(x), None
+    trace, ok = check(problem.metadata, x)
+    return trace, ok
+
+
+def aggregation_response(problem: Problem, candidate_answers: list[str | None]) -> str:
+    """The gold response of an aggregation call that saw candidates with these final answers (None: the ending shows
+    no answer): check the distinct candidates in order with the inverse operation and stop at the first that checks
+    out; when none does (or the task has no checker), solve the problem afresh. E.g. for `Compute 472+389.` with
+    candidates 851, 861: `<think>A1 851: 472+389: ... →861 want 851: 1|1= 6|5≠ no. A2 861: 472+389: ... →861 want 861: ... ok.
+    →861</think>\\boxed{861}`.
+    """
+    parts, seen = [], set()
+    if problem.task in CHECKERS:
+        for i, ans in enumerate(candidate_answers):
+            x = _as_int(ans)
+            if x is None:
+                parts.append(f"A{i + 1} none.")
+                continue
+            if x in seen:
+                parts.append(f"A{i + 1} {x} same.")
+                continue
+            seen.add(x)
+            trace, ok = check_candidate(problem, str(x))
+            parts.append(f"A{i + 1} {x}: {trace} {'ok' if ok else 'no'}.")
+            if ok:
+                return format_response(" ".join(parts) + f" {ARROW}{x}", str(x))
+    cot = problem.cot if not parts else " ".join(parts) + " solve: " + problem.cot
+    return format_response(cot, problem.answer)
+
+
+def aggregation_rollout(problem: Problem, rng: random.Random, correct: bool) -> str:
+    """A response as an aggregation call would write it, right or wrong: what a later Markovian RSA round sees as a
+    candidate (issue 18: trained only on plain candidates, the tiny aggregator met these in round 2 for the first time
+    and lost accuracy round after round). Right: `aggregation_response` over a wrong and the right answer, in random
+    order. Wrong: a wrong candidate checked and rejected, then a fresh solve with one realistic mistake."""
+    if problem.task not in CHECKERS:
+        return problem.response() if correct else corrupt_rollout(problem, rng)
+    wrong = corrupt_rollout(problem, rng).rsplit("boxed{", 1)[1][:-1]
+    if correct:
+        answers = [wrong, problem.answer]
+        rng.shuffle(answers)
+        return aggregation_response(problem, answers)
+    trace, _ = check_candidate(problem, wrong)
+    bad = corrupt_rollout(problem, rng)
+    cot, ans = bad[len("<think>"):].split("</think>", 1)
+    return format_response(f"A1 {wrong}: {trace} no. solve: {cot}", ans[len("\\boxed{"):-1])

@@ -93,7 +93,7 @@ import torch
 
 from zaya_lib.data.aggregation import build_aggregation_prompt_ids, candidate_tail
 from zaya_lib.data.answers import completion_to_text
-from zaya_lib.data.tasks import MAX_DIFFICULTY, TASKS, make_problems
+from zaya_lib.data.tasks import DEFAULT_REASONING_SUITE, MAX_DIFFICULTY, TASKS, make_problems
 from zaya_lib.data.tokenizer import encode_chat, render_chat
 from zaya_lib.model.checkpoint import save_hf_checkpoint
 from zaya_lib.rl import verifiers
@@ -189,7 +189,7 @@ def default_cascade(steps: Sequence[int] = (40, 20, 40, 16), lr: float = 5e-5, n
     samples gets everything right (README, RL notes)."""
     if len(steps) != 4:
         raise ValueError(f"default_cascade: steps must list 4 stage lengths, got {list(steps)}")
-    reasoning = {f"tasks/{t}": 1.0 for t in ("add", "sub", "chain_sum", "mul1", "linear_eq", "count_letter")}
+    reasoning = {f"tasks/{t}": 1.0 for t in dict(DEFAULT_REASONING_SUITE)}  # the held-out suite's task families
     common = dict(learning_rate=lr, num_generations=num_generations, prompts_per_step=prompts_per_step,
                   max_completion_length=max_completion_length, temperature=temperature,
                   difficulties=tuple(difficulties), optimizer=optimizer, lora=lora, balance=balance)

@@ -229,7 +229,8 @@ _OWN = (Addition, Subtraction, Multiplication, ChainSum, Comparison, DigitSum, S
 
 ENVIRONMENTS: dict[str, Environment] = {e.name: e for e in [cls() for cls in _OWN]}
 ENVIRONMENTS.update({f"rg/{t}": ReasoningGymEnv(t) for t in RG_TASKS})
-ENVIRONMENTS.update({f"tasks/{t}": TaskEnv(t) for t in ("add", "sub", "chain_sum", "mul1", "linear_eq", "count_letter")})
+ENVIRONMENTS.update({f"tasks/{t}": TaskEnv(t) for t in ("add", "sub", "chain_sum", "mul1", "div", "linear_eq",
+                                                          "count_letter")})
 
 
 def get_environment(name: str) -> Environment:

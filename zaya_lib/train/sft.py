@@ -137,12 +137,13 @@ def engine_sampler(model, tokenizer, max_new_tokens: int, temperature: float, to
 
 def aggregation_samples(tokenizer: Any, expert_problems: Sequence[Problem], self_problems: Sequence[Problem], C: int,
                         tau: int, budget: int, rng: random.Random, p_correct: float = 0.5,
-                        sample_fn: Callable | None = None) -> tuple[list[Sample], dict]:
-    """Expert- and self-aggregation SFT examples (AP-trimmed to `budget`); returns (samples, counts)."""
+                        sample_fn: Callable | None = None, later_round_frac: float = 0.0) -> tuple[list[Sample], dict]:
+    """Expert- and self-aggregation SFT examples (AP-trimmed to `budget`); a fraction `later_round_frac` of the expert
+    candidates are written as an earlier aggregation round writes them. Returns (samples, counts)."""
     stats_e: dict = {}
     stats_s: dict = {}
     out = expert_aggregation_examples(expert_problems, C, tau, tokenizer, rng, p_correct=p_correct, max_len=budget,
-                                      stats=stats_e)
+                                      stats=stats_e, later_round_frac=later_round_frac)
     if self_problems:
         if sample_fn is None:
             raise ValueError("self-aggregation needs sample_fn (e.g. engine_sampler(model, tokenizer, ...))")
@@ -159,14 +160,19 @@ def problem_pool(n: int, seed: int, tasks: Sequence[str] | None = None,
 
     keys = [(t, d) for t in (tasks or sorted(TASKS)) for d in (difficulties or range(1, MAX_DIFFICULTY + 1))]
     counts = Counter(keys[i % len(keys)] for i in range(n))
-    out = [p for (t, d), c in sorted(counts.items()) for p in make_problems(t, c, seed=seed, difficulty=d)]
+    out = []
+    for (t, d), c in sorted(counts.items()):  # a small question space repeats its problems (never invents any)
+        ps = make_problems(t, c, seed=seed, difficulty=d, allow_fewer=True)
+        out += [ps[i % len(ps)] for i in range(c)]
     random.Random(seed).shuffle(out)
     return out
 
 
 def build_sft_mix(tokenizer, chats_by_category: dict[str, Sequence[Sequence[dict]]], seq_len: int, agg_ratio: float,
                   agg_candidates: int, agg_tau: int, agg_self_frac: float = 0.25, agg_p_correct: float = 0.5,
-                  sample_fn: Callable | None = None, seed: int = 0) -> tuple[dict, dict, dict]:
+                  sample_fn: Callable | None = None, seed: int = 0, agg_tasks: Sequence[str] | None = None,
+                  agg_difficulties: Sequence[int] | None = None,
+                  agg_later_round_frac: float = 0.0) -> tuple[dict, dict, dict]:
     """The SFT mixture: chats AP-trimmed to the window (`seq_len + 1` tokens), plus aggregation examples at
     `agg_ratio` of the mix (a fraction `agg_self_frac` of them from `sample_fn`, the current checkpoint).
 
@@ -185,9 +191,10 @@ def build_sft_mix(tokenizer, chats_by_category: dict[str, Sequence[Sequence[dict
         return dict(plain), plain, {**info, "mix": {"plain": n_plain, "aggregation": 0, "ratio": 0.0}}
     n_agg = round(n_plain * agg_ratio / (1.0 - agg_ratio)) if agg_ratio < 1.0 else n_plain
     n_self = round(n_agg * agg_self_frac)
-    probs = problem_pool(n_agg, seed=seed + 7919)
+    probs = problem_pool(n_agg, seed=seed + 7919, tasks=agg_tasks, difficulties=agg_difficulties)
     agg, info["aggregation"] = aggregation_samples(tokenizer, probs[n_self:], probs[:n_self], agg_candidates,
-                                                   agg_tau, budget, random.Random(seed), agg_p_correct, sample_fn)
+                                                   agg_tau, budget, random.Random(seed), agg_p_correct, sample_fn,
+                                                   later_round_frac=agg_later_round_frac)
     # mix at the exact ratio (sample identity tells the categories apart afterwards)
     flat_plain = [s for c in plain for s in plain[c]]
     mixed, info["mix"] = mix_sft_with_aggregation(flat_plain, agg, agg_ratio, seed=seed)
@@ -264,13 +271,14 @@ def run_sft(init_dir: str | os.PathLike, train_data: TrainData, out_dir: str | o
     return model, hist, wall
 
 
-def plain_sft_chats(n_reasoning: int, reasoning_max_difficulty: int, n_instruct: int, seed: int) -> dict[str, list]:
-    """The plain SFT chats by category (reasoning problems at levels 1..max with their compact chain of thought, and
-    instruction chats), seeded: notebook 05 and `train_noagg_variant` build exactly the same list from the same
-    parameters."""
+def plain_sft_chats(n_reasoning: int, reasoning_max_difficulty: int, n_instruct: int, seed: int,
+                    tasks: Sequence[str] | None = None) -> dict[str, list]:
+    """The plain SFT chats by category (reasoning problems of `tasks` (None: all) at levels 1..max with their compact
+    chain of thought, and instruction chats), seeded: notebook 05 and `train_noagg_variant` build exactly the same
+    list from the same parameters."""
     from ..data.corpora import instruct_corpus, math_corpus
 
-    return {"reasoning": list(math_corpus(n_reasoning, seed=seed + 5,
+    return {"reasoning": list(math_corpus(n_reasoning, seed=seed + 5, tasks=list(tasks) if tasks else None,
                                           difficulties=list(range(1, reasoning_max_difficulty + 1)))["messages"]),
             "instruct": list(instruct_corpus(n_instruct, seed=seed + 5)["messages"])}
 
@@ -293,7 +301,8 @@ def train_noagg_variant(run_dir: str | os.PathLike, sft_params: dict, device="cp
     p = sft_params
     run = Path(run_dir)
     tok = checkpoint_tokenizer(run / "checkpoints" / p["sft_init_phase"])
-    chats = plain_sft_chats(p["sft_n_reasoning"], p["sft_reasoning_max_difficulty"], p["sft_n_instruct"], p["seed"])
+    chats = plain_sft_chats(p["sft_n_reasoning"], p["sft_reasoning_max_difficulty"], p["sft_n_instruct"], p["seed"],
+                            p.get("sft_reasoning_tasks"))
     _, plain, _ = build_sft_mix(tok, chats, p["sft_seq_len"], 0.0, 1, 1, seed=p["seed"])
     data, packed = pack_sft_data(plain, p["sft_seq_len"], pad_id=tok.pad_token_id, seed=p["seed"])
     cfg = TrainConfig(steps=p["sft_steps"], batch_size=p["sft_batch_size"], lr=p["sft_lr"],

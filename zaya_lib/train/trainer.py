@@ -251,17 +251,13 @@ def check_phase_params(prefix: str, mixture, context, batch_size, steps, longest
 
 
 def pick_threads(requested: int = 0) -> int:
-    """torch CPU threads for training: `requested` if > 0, else 2 (this machine's cores) unless the machine is already
-    busy (1-minute load average above cores - 1), then 1. Measured here: with other jobs running, 2 threads spin-wait
-    on each other and a tiny-model step took 50 s instead of 4 s with 1 thread; on an idle machine 2 are faster."""
+    """torch CPU threads for training: `requested` if > 0, else min(2, cores). A FIXED number on purpose: the thread
+    count changes how GEMMs split their sums, so a count read from the machine's load (as this once did) made the same
+    seed give different numbers depending on what else ran (issue 18). Two threads on this project's 2-core machines;
+    ask for 1 where other jobs compete for the cores (two spinning threads on one free core can crawl)."""
     if requested > 0:
-        return requested
-    cores = min(2, os.cpu_count() or 1)
-    try:
-        busy = os.getloadavg()[0] > (os.cpu_count() or 1) - 1
-    except OSError:
-        busy = False
-    return 1 if busy else cores
+        return int(requested)
+    return max(1, min(2, os.cpu_count() or 1))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
