@@ -6,6 +6,8 @@
 - `FUZZ_TEXT`: arbitrary text rich in the answer format's markers, for fuzzing extractors, judges and rewards.
 - `problem_tokenizer` and `tiny_model`: a small tokenizer trained on worked problems, and a seeded `debug`-preset
   model sized to a tokenizer.
+- `random_debug_model`: a `debug`-preset model with every weight, key temperature and balancing bias at random
+  non-default values (parity and equality tests, where default values would hide a wrong term).
 """
 from __future__ import annotations
 
@@ -45,3 +47,21 @@ def tiny_model(tok, seed: int | None = 0, **overrides):
     kw = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
               eos_token_id=tok.eos_token_id)
     return ZayaForCausalLM(get_config("debug", **(kw | overrides)))
+
+
+def random_debug_model(seed: int = 0, **cfg):
+    """`debug` preset (config overrides `cfg`), every weight, bias, key temperature and balancing bias set to random
+    non-default values, in train mode."""
+    from zaya_lib.config import get_config
+    from zaya_lib.model import ZayaForCausalLM
+
+    torch.manual_seed(seed)
+    m = ZayaForCausalLM(get_config("debug", **cfg))
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.copy_((1.0 if ("scale" in name or "norm" in name) else 0.0) + 0.1 * torch.randn_like(p))
+        for layer in m.model.layers:
+            layer.self_attn.qk_norm.temp.copy_(torch.linspace(0.7, 1.6, layer.self_attn.qk_norm.temp.numel()))
+        for r in m.routers():
+            r.balancing_biases[:-1] = 0.05 * torch.randn(r.E)
+    return m.train()

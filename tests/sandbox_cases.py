@@ -173,6 +173,20 @@ def delete_caller_file(run):
     return bool(made) and all(alive), f"{sum(alive)}/{len(made)} canaries intact ({[str(c) for c in made]})", r
 
 
+def _run_against(run, code: str, server: socket.socket):
+    """Run `code` while `server` listens; (result, whether anything reached the server). Closes the server."""
+    try:
+        r = run(code)
+        try:
+            server.accept()
+            knocked = True
+        except socket.timeout:
+            knocked = False
+    finally:
+        server.close()
+    return r, knocked
+
+
 def loopback_network(run):
     server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     server.bind(("127.0.0.1", 0))
@@ -188,15 +202,7 @@ def loopback_network(run):
         except OSError as e:
             print("refused", e)
     """)
-    try:
-        r = run(code)
-        try:
-            server.accept()
-            knocked = True
-        except socket.timeout:
-            knocked = False
-    finally:
-        server.close()
+    r, knocked = _run_against(run, code, server)
     return (not knocked and "CONNECTED" not in r.stdout,
             f"program: {r.stdout.strip()!r}; host port knocked: {knocked}", r)
 
@@ -218,14 +224,8 @@ def unix_socket(run):
             print("refused", e)
     """)
     try:
-        r = run(code)
-        try:
-            server.accept()
-            knocked = True
-        except socket.timeout:
-            knocked = False
+        r, knocked = _run_against(run, code, server)
     finally:
-        server.close()
         path.unlink(missing_ok=True)
     return not knocked and "CONNECTED" not in r.stdout, f"program: {r.stdout.strip()!r}; socket reached: {knocked}", r
 

@@ -8,36 +8,21 @@ mask), the CPU block attention (small blocks, so tiles are skipped and masked), 
 refused), `torch.compile`, and the Triton kernels in the interpreter. float64 must agree to 1e-10 and float32 to
 1e-5 (max abs difference; measured below 1e-14 and 1e-6: only the summation order differs).
 """
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # tests/conftest.py does this too; here so the module also runs on its own
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from zaya_lib.config import get_config  # noqa: E402
-from zaya_lib.model import ZayaForCausalLM  # noqa: E402
-from zaya_lib.model import attention as A  # noqa: E402
-from zaya_lib.model import modeling  # noqa: E402
-from zaya_lib.model.documents import DocMask  # noqa: E402
+from _helpers import random_debug_model  # first: the Triton interpreter without CUDA
+from zaya_lib.model import ZayaForCausalLM
+from zaya_lib.model import attention as A
+from zaya_lib.model import modeling
+from zaya_lib.model.documents import DocMask
 
 LENS = [[5, 17, 3, 11], [23, 9, 4]]  # two windows of 36 tokens; the last run of row 2 plays the padding (-1)
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
 def _model(dtype, **cfg) -> ZayaForCausalLM:
-    """debug preset with every weight, bias, key temperature and balancing bias at random non-default values."""
-    torch.manual_seed(0)
-    m = ZayaForCausalLM(get_config("debug", **cfg))
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            p.copy_((1.0 if ("scale" in name or "norm" in name) else 0.0) + 0.1 * torch.randn_like(p))
-        for layer in m.model.layers:
-            layer.self_attn.qk_norm.temp.copy_(torch.linspace(0.7, 1.6, layer.self_attn.qk_norm.temp.numel()))
-        for r in m.routers():
-            r.balancing_biases[:-1] = 0.05 * torch.randn(r.E)
-    return m.to(dtype).train()
+    return random_debug_model(0, **cfg).to(dtype)
 
 
 def _window():

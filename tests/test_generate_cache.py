@@ -13,6 +13,7 @@ import torch
 
 from zaya_lib.config import get_config
 from zaya_lib.model import ZayaCache, ZayaForCausalLM
+from zaya_lib.ttc.backends import left_pad
 
 
 class ForwardLengths:
@@ -37,13 +38,7 @@ def model():
 
 
 def _left_padded(prompts, pad=0):
-    P = max(map(len, prompts))
-    ids = torch.full((len(prompts), P), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, p in enumerate(prompts):
-        ids[r, P - len(p):] = torch.tensor(p)
-        mask[r, P - len(p):] = 1
-    return ids, mask
+    return left_pad(prompts, pad)
 
 
 PROMPTS = [[5, 9, 11, 13, 17, 19, 23], [7, 8, 9]]  # the second is left-padded to 7

@@ -8,25 +8,14 @@ term (those give errors of order 1)."""
 import pytest
 import torch
 
-from _helpers import DEVICE  # first: the Triton interpreter without CUDA
-from zaya_lib.config import get_config
+from _helpers import DEVICE, random_debug_model  # first: the Triton interpreter without CUDA
 from zaya_lib.model import ZayaForCausalLM
 
 LOGIT_RTOL, GRAD_RTOL = 1e-6, 2e-4
 
 
 def _model(impls: dict, seed: int = 0) -> ZayaForCausalLM:
-    """debug preset, every weight, key temperature and balancing bias set to random non-default values."""
-    torch.manual_seed(seed)
-    m = ZayaForCausalLM(get_config("debug", **impls))
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            p.copy_((1.0 if ("scale" in name or "norm" in name) else 0.0) + 0.1 * torch.randn_like(p))
-        for layer in m.model.layers:
-            layer.self_attn.qk_norm.temp.copy_(torch.linspace(0.7, 1.6, layer.self_attn.qk_norm.temp.numel()))
-        for r in m.routers():
-            r.balancing_biases[:-1] = 0.05 * torch.randn(r.E)
-    return m.to(DEVICE).train()
+    return random_debug_model(seed, **impls).to(DEVICE)
 
 
 def _rel(a, b):

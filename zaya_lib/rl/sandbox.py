@@ -729,12 +729,9 @@ def _communicate(proc: subprocess.Popen, data: bytes, deadline: float, cap: int,
                     sel.unregister(fd)
                     proc.stdin.close()
                 continue
-            try:
-                chunk = os.read(fd, 65536)
-            except BlockingIOError:
+            chunk = _read_some(fd)
+            if chunk is None:
                 continue
-            except OSError:
-                chunk = b""
             if not chunk:
                 sel.unregister(fd)
                 continue
@@ -765,6 +762,16 @@ def _communicate(proc: subprocess.Popen, data: bytes, deadline: float, cap: int,
     return bytes(bufs[out_fd]), bytes(bufs[err_fd]), bytes(status), timed_out, flooded
 
 
+def _read_some(fd: int) -> bytes | None:
+    """Up to 64 KiB from a non-blocking pipe: None when nothing is there yet, b"" at its end (or on an error)."""
+    try:
+        return os.read(fd, 65536)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
+
+
 def _drain(fd: int, into: bytearray, proc: subprocess.Popen, wait_s: float = 5.0) -> None:
     """Read the status pipe until every writer has closed it (the helper and PID 1 exited) or `wait_s` passes."""
     end = time.monotonic() + wait_s
@@ -774,12 +781,9 @@ def _drain(fd: int, into: bytearray, proc: subprocess.Popen, wait_s: float = 5.0
         while time.monotonic() < end:
             if not sel.select(timeout=max(0.0, min(0.1, end - time.monotonic()))):
                 continue
-            try:
-                chunk = os.read(fd, 65536)
-            except BlockingIOError:
+            chunk = _read_some(fd)
+            if chunk is None:
                 continue
-            except OSError:
-                break
             if not chunk:
                 break
             into += chunk
