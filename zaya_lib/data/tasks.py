@@ -529,22 +529,27 @@ def corrupt_rollout(problem: Problem, rng: random.Random, error_rate: float = 1.
     off-by-one digit, wrong operand, ...) and carries on from it, so the response is well formed but its boxed answer
     is wrong; otherwise the gold response is returned. With `error_rate=1.0` (default) it is always wrong.
     """
+    return format_response(*_corrupt_solution(problem, rng, error_rate))
+
+
+def _corrupt_solution(problem: Problem, rng: random.Random, error_rate: float = 1.0) -> tuple[str, str]:
+    """`corrupt_rollout` as (cot, answer), drawing the same random numbers."""
     if not 0.0 <= error_rate <= 1.0:
         raise ValueError(f"error_rate must be in [0, 1], got {error_rate}")
     if rng.random() >= error_rate:
-        return problem.response()
+        return problem.cot, problem.answer
     t = TASKS[problem.task]
     m = problem.metadata
     n = max(1, t.n_steps(m))
     for _ in range(32):
         cot, ans = t.solve(m, _Fault(rng.randrange(n), rng))
         if ans != problem.answer:
-            return format_response(cot, ans)
+            return cot, ans
     # Some faults are silent (e.g. a skipped 0 digit). Fall back to a slip in the last step: the final number
     # written one off, the CoT's last value changed to match so the trace stays self-consistent.
     wrong = str(int(problem.answer) + rng.choice((-1, 1)))
     body, _ = problem.cot.rsplit(ARROW, 1)
-    return format_response(f"{body}{ARROW}{wrong}", wrong)
+    return f"{body}{ARROW}{wrong}", wrong
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -666,12 +671,11 @@ def aggregation_rollout(problem: Problem, rng: random.Random, correct: bool) -> 
     order. Wrong: a wrong candidate checked and rejected, then a fresh solve with one realistic mistake."""
     if problem.task not in CHECKERS:
         return problem.response() if correct else corrupt_rollout(problem, rng)
-    wrong = corrupt_rollout(problem, rng).rsplit("boxed{", 1)[1][:-1]
+    _, wrong = _corrupt_solution(problem, rng)
     if correct:
         answers = [wrong, problem.answer]
         rng.shuffle(answers)
         return aggregation_response(problem, answers)
     trace, _ = check_candidate(problem, wrong)
-    bad = corrupt_rollout(problem, rng)
-    cot, ans = bad[len("<think>"):].split("</think>", 1)
-    return format_response(f"A1 {wrong}: {trace} no. solve: {cot}", ans[len("\\boxed{"):-1])
+    cot, ans = _corrupt_solution(problem, rng)
+    return format_response(f"A1 {wrong}: {trace} no. solve: {cot}", ans)
