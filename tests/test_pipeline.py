@@ -286,10 +286,17 @@ def test_force_reruns_and_only_selects(base_run, tmp_path, nbdir):
     res = run_pipeline(base_run["params"], only=["02_beta", "01"], force=True, **quiet)
     assert [(r["notebook"], r["status"]) for r in res.results] == [("01_alpha", "ran"), ("02_beta", "ran")]
     assert _exec_log(run_dir) == STEMS + ["01_alpha", "02_beta"]
-    # changing a key that only 02 declares invalidates only 02's hash
+    # changing a key that only 02 declares invalidates 02's hash, and 03 (which reads what 02 wrote) reruns after it
     params2 = _params(tmp_path, base_run["params"].read_text() + 'hold_file: "/nonexistent"\n', name="prof")
     res = run_pipeline(params2, **quiet)
-    assert [r["status"] for r in res.results] == ["skipped", "ran", "skipped"]
+    assert [r["status"] for r in res.results] == ["skipped", "ran", "ran"]
+    # a stamp older than an earlier notebook's finish is stale even in a later invocation (a run killed after 02)
+    stamp3 = run_dir / ".stamps" / "03.json"
+    st = json.loads(stamp3.read_text())
+    st["started"] = "2000-01-01T00:00:00+00:00"
+    stamp3.write_text(json.dumps(st))
+    res = run_pipeline(params2, **quiet)
+    assert [r["status"] for r in res.results] == ["skipped", "skipped", "ran"]
     # editing a notebook's file invalidates it too (its content hash is part of the stamp)
     edited = tmp_path / "nb_edited"
     shutil.copytree(nbdir, edited)

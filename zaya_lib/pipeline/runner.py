@@ -4,9 +4,12 @@ Notable features:
 - Validation first: the params file is checked against the schema the notebooks declare (params.py) before any
   folder is created or papermill is imported, so a bad file fails in well under a second and touches nothing.
 - Each notebook gets only the keys its parameters cell declares (file value, else its own default) plus `run_dir`.
-- Resumable (style.md principle 11): a notebook is skipped when its executed copy exists and its stamp
+- Resumable (style.md principle 11): a notebook is skipped when its executed copy exists, its stamp
   `.stamps/NN.json` holds the same hash = sha256 of the JSON of its resolved parameters and of the notebook file's
-  sha256. Killing a run and restarting it redoes only what had not finished; `force=True` reruns.
+  sha256, and it started after every earlier notebook of the plan finished: later notebooks read earlier ones'
+  checkpoints, so rerunning 05 (a changed SFT key) reruns 06 and 07 too, also when the run is killed in between
+  (conservative: an edit to 01 reruns everything after it). Killing a run and restarting it redoes only what had
+  not finished; `force=True` reruns.
 - Atomic outputs: papermill executes into a hidden temp copy `notebooks/.NN_name.running.ipynb` that is renamed onto
   `notebooks/NN_name.ipynb` only on success, and the stamp is written after that rename. A failed notebook's partial
   copy becomes `notebooks/NN_name.failed.ipynb`; earlier outputs are never touched.
@@ -198,12 +201,16 @@ def run_pipeline(params_path: str | Path, only: list[str] | None = None, force: 
     n = len(plans)
     log(f"run {data['run_name']!r}: {n} notebook(s) from {params_path} -> {run_dir}")
     logging.getLogger("papermill").setLevel(logging.ERROR)  # its per-cell INFO/WARNING lines would flood headless logs
+    upstream_finished = ""  # latest finish time of an earlier notebook of this plan (ISO, UTC: compares as text)
     try:
         with _kernel_environment():
             for i, plan in enumerate(plans, 1):
                 head = f"[{i:02d}/{n:02d}] {plan.stem} ..."
                 stamp = None if force else _is_up_to_date(run_dir, plan)
+                if stamp is not None and str(stamp.get("started", "")) < upstream_finished:
+                    stamp = None  # an earlier notebook (whose outputs this one reads) finished after this one ran
                 if stamp is not None:
+                    upstream_finished = max(upstream_finished, str(stamp.get("finished", "")))
                     log(f"{head} skipped (up to date)")
                     result.results.append({"notebook": plan.stem, "status": "skipped", "seconds": stamp.get("seconds"),
                                            "hash": plan.digest, "finished": stamp.get("finished"),
@@ -225,9 +232,11 @@ def run_pipeline(params_path: str | Path, only: list[str] | None = None, force: 
                         f"  earlier notebooks' outputs are intact; fix and rerun (finished notebooks are skipped)",
                         plan.stem, e.failed_copy) from e.__cause__
                 dt = time.perf_counter() - t0
+                finished = now_iso()
+                upstream_finished = max(upstream_finished, finished)
                 atomic_write_json(_stamp_path(run_dir, plan.stem), {
                     "notebook": plan.stem, "hash": plan.digest, "params": plan.params,
-                    "notebook_sha256": _sha256_file(plan.source), "started": started, "finished": now_iso(),
+                    "notebook_sha256": _sha256_file(plan.source), "started": started, "finished": finished,
                     "seconds": round(dt, 2), "git_commit": prov["git"]["commit"], "git_dirty": prov["git"]["dirty"]})
                 log(f"done in {dt:.1f} s")
                 result.results.append({"notebook": plan.stem, "status": "ran", "seconds": round(dt, 2),
