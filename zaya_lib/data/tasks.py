@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import re
 import string
 from dataclasses import dataclass, field
 from typing import Callable
@@ -26,7 +27,7 @@ from typing import Callable
 __all__ = [
     "Problem", "Task", "TASKS", "make_problems", "make_suite", "corrupt_rollout", "format_response",
     "DEFAULT_REASONING_SUITE", "MAX_DIFFICULTY", "HELDOUT_BUCKETS", "SPLITS", "is_heldout", "split_of", "cot_final",
-    "CHECKERS", "check_candidate", "aggregation_response", "aggregation_rollout",
+    "CHECKERS", "check_candidate", "aggregation_response", "aggregation_rollout", "parse_verdicts",
 ]
 
 MAX_DIFFICULTY = 5
@@ -662,6 +663,19 @@ def aggregation_response(problem: Problem, candidate_answers: list[str | None]) 
                 return format_response(" ".join(parts) + f" {ARROW}{x}", str(x))
     cot = problem.cot if not parts else " ".join(parts) + " solve: " + problem.cot
     return format_response(cot, problem.answer)
+
+
+# One checked candidate in an aggregation response: "A2 861: <check trace> ok." (or "no."). The trace never holds
+# ". " (checks are digits, operators, arrows and `a|b=` comparisons), so the lazy match stops at the verdict.
+_VERDICT = re.compile(r"A(\d+) (-?\d+): (.*?) (ok|no)\.")
+
+
+def parse_verdicts(text: str) -> list[tuple[int, int, str, bool]]:
+    """The candidate checks an aggregation response wrote, in order: (candidate index from 1, the value it checked,
+    its check trace, its verdict: True for `ok`). The inverse of `aggregation_response`'s format, for measuring how
+    often a model's own checks are right (`zaya_lib.ttc.diagnose`). Candidates written as `A1 none.` or `A2 861 same.`
+    carry no verdict and are skipped."""
+    return [(int(m.group(1)), int(m.group(2)), m.group(3), m.group(4) == "ok") for m in _VERDICT.finditer(text)]
 
 
 def aggregation_rollout(problem: Problem, rng: random.Random, correct: bool) -> str:

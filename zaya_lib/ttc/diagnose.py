@@ -1,0 +1,123 @@
+"""Where one aggregation round gains or loses accuracy: a per-task breakdown of a Markovian RSA round 1 (issue 18).
+
+Markovian RSA improves on its round 0 only if an aggregation call is right more often than a fresh sample. This module
+runs round 0 (N samples per problem) and ONE aggregation round exactly as `zaya_lib.ttc.rsa.run_rsa` builds it (K
+distinct members' last tau tokens, the one prompt builder), then splits the aggregation calls by what they were shown
+and reads the checks the aggregator wrote (`zaya_lib.data.tasks.parse_verdicts`):
+
+- composition of the K candidates: all right, mixed, all wrong; the aggregator's accuracy in each (all right: it should
+  keep the answer; mixed: its checks must pick the right one; all wrong: only its own fall-back solve can help);
+- its verdicts against the true verdict of the value it checked (`check_candidate`): right, a right candidate
+  rejected, a wrong one accepted; and whether the value it checked is a candidate's answer (copy fidelity);
+- fall-back solves (responses containing `solve:`) and how often they are right.
+
+`aggregation_breakdown` needs `Problem`s (the task picks the checker). Output: a dict per task and for all tasks;
+`format_breakdown` renders it as a table.
+"""
+from __future__ import annotations
+
+import random
+from collections import Counter
+from typing import Any, Sequence
+
+from zaya_lib.data.aggregation import build_aggregation_prompt_ids, completion_trace, tail
+from zaya_lib.data.answers import extract_answer
+from zaya_lib.data.tasks import check_candidate, parse_verdicts
+from zaya_lib.data.tokenizer import chat_ids, encode_chat
+from zaya_lib.ttc.backends import Backend
+from zaya_lib.ttc.rsa import judge_answer
+
+__all__ = ["aggregation_breakdown", "format_breakdown"]
+
+_KEYS = ("calls", "right", "r0_samples", "r0_right", "all_right", "all_right_ok", "mixed", "mixed_ok", "all_wrong",
+         "all_wrong_ok", "verdicts", "verdicts_right", "rejected_right", "accepted_wrong", "checked_a_candidate",
+         "solves", "solves_right")
+
+
+def aggregation_breakdown(backend: Backend, tokenizer: Any, problems: Sequence[Any], N: int, K: int, tau: int,
+                          max_new_tokens: int, temperature: float, top_p: float = 1.0, seed: int = 0) -> dict:
+    """Round 0 and one Markovian aggregation round on `problems`, broken down per task (see the module docstring).
+
+    Returns {"tasks": {task: counts}, "all": counts, "params": ...}; counts hold `_KEYS` plus the derived rates
+    `r0_acc`, `r1_acc`, `all_right_acc`, `mixed_acc`, `all_wrong_acc`, `verdict_acc`, `solve_acc` (None when
+    undefined)."""
+    if not problems:
+        raise ValueError("aggregation breakdown: no problems given")
+    missing = [i for i, p in enumerate(problems) if not hasattr(p, "task")]
+    if missing:
+        raise ValueError(f"aggregation breakdown: problem {missing[0]} has no task (needs zaya_lib.data.tasks.Problem)")
+    if not (isinstance(K, int) and isinstance(N, int) and 1 <= K <= N):
+        raise ValueError(f"aggregation breakdown: need 1 <= K <= N, got N={N!r}, K={K!r}")
+    if not (isinstance(tau, int) and tau > 0):
+        raise ValueError(f"aggregation breakdown: tau must be a positive int, got {tau!r}")
+    ids = chat_ids(tokenizer)
+    structural = {ids.pad, ids.bos, ids.eos, ids.system, ids.user, ids.assistant, ids.end}
+    gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    # the same seeds as run_rsa's rounds 0 and 1, so a breakdown and a run_rsa with one seed see the same samples
+    r0 = backend.generate([encode_chat(tokenizer, p.question)[0] for p in problems for _ in range(N)],
+                          seed=seed * 1000, **gen)
+    rng = random.Random(f"rsa|{seed}")
+    prompts, shown = [], []
+    for i, p in enumerate(problems):
+        group = r0[i * N:(i + 1) * N]
+        traces = [[x for x in completion_trace(tokenizer, c.token_ids) if x not in structural] for c in group]
+        for _ in range(N):
+            members = rng.sample(range(N), K)
+            prompts.append(build_aggregation_prompt_ids(tokenizer, p.question, [tail(traces[m], tau) for m in members],
+                                                        tau=tau))
+            shown.append((i, [extract_answer(group[m].text) for m in members]))
+    r1 = backend.generate(prompts, seed=seed * 1000 + 1, **gen)
+    tasks: dict[str, Counter] = {}
+    for i, p in enumerate(problems):
+        c = tasks.setdefault(p.task, Counter())
+        c["r0_samples"] += N
+        c["r0_right"] += sum(bool(judge_answer(extract_answer(x.text), p.answer)) for x in r0[i * N:(i + 1) * N])
+    for (i, answers), comp in zip(shown, r1):
+        p = problems[i]
+        c = tasks[p.task]
+        ok = [bool(judge_answer(a, p.answer)) for a in answers]
+        kind = "all_right" if all(ok) else "all_wrong" if not any(ok) else "mixed"
+        right = bool(judge_answer(extract_answer(comp.text), p.answer))
+        c["calls"] += 1
+        c["right"] += right
+        c[kind] += 1
+        c[kind + "_ok"] += right
+        for idx, value, _trace, verdict in parse_verdicts(comp.text):
+            truth = bool(check_candidate(p, str(value))[1])
+            c["verdicts"] += 1
+            c["verdicts_right"] += verdict == truth
+            c["rejected_right"] += truth and not verdict
+            c["accepted_wrong"] += verdict and not truth
+            c["checked_a_candidate"] += 1 <= idx <= len(answers) and answers[idx - 1] is not None \
+                and answers[idx - 1].strip() == str(value)
+        if "solve:" in comp.text:
+            c["solves"] += 1
+            c["solves_right"] += right
+    total = Counter()
+    for c in tasks.values():
+        total.update(c)
+    return {"params": dict(N=N, K=K, tau=tau, seed=seed, problems=len(problems), **gen),
+            "tasks": {t: _rates(c) for t, c in tasks.items()}, "all": _rates(total)}
+
+
+def _rates(c: Counter) -> dict:
+    out = {k: int(c[k]) for k in _KEYS}
+    div = lambda a, b: out[a] / out[b] if out[b] else None  # noqa: E731
+    out.update(r0_acc=div("r0_right", "r0_samples"), r1_acc=div("right", "calls"),
+               all_right_acc=div("all_right_ok", "all_right"), mixed_acc=div("mixed_ok", "mixed"),
+               all_wrong_acc=div("all_wrong_ok", "all_wrong"), verdict_acc=div("verdicts_right", "verdicts"),
+               solve_acc=div("solves_right", "solves"))
+    return out
+
+
+def format_breakdown(b: dict) -> str:
+    """A markdown table of `aggregation_breakdown`'s result, one row per task and one for all."""
+    f = lambda ok, n: f"{ok}/{n}" if n else "-"  # noqa: E731
+    rows = ["| task | round 0 | aggregated | all right kept | mixed resolved | all wrong fixed | verdicts right | "
+            "right rejected | wrong accepted | fall-back solves right |", "|" + "---|" * 10]
+    for name, c in list(b["tasks"].items()) + [("all", b["all"])]:
+        rows.append(f"| {name} | {c['r0_acc']:.3f} | {c['r1_acc']:.3f} | {f(c['all_right_ok'], c['all_right'])} | "
+                    f"{f(c['mixed_ok'], c['mixed'])} | {f(c['all_wrong_ok'], c['all_wrong'])} | "
+                    f"{f(c['verdicts_right'], c['verdicts'])} | {c['rejected_right']} | {c['accepted_wrong']} | "
+                    f"{f(c['solves_right'], c['solves'])} |")
+    return "\n".join(rows)
