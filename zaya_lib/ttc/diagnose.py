@@ -1,8 +1,8 @@
 """Where one aggregation round gains or loses accuracy: a per-task breakdown of a Markovian RSA round 1 (issue 18).
 
 Markovian RSA improves on its round 0 only if an aggregation call is right more often than a fresh sample. This module
-runs round 0 (N samples per problem) and ONE aggregation round exactly as `zaya_lib.ttc.rsa.run_rsa` builds it (K
-distinct members' last tau tokens, the one prompt builder), then splits the aggregation calls by what they were shown
+runs round 0 (N samples per problem) and ONE aggregation round through `zaya_lib.ttc.rsa.run_rsa` itself (T=2, its
+`on_calls` hook hands over each call and the members it was shown), then splits the aggregation calls by what they were shown
 and reads the checks the aggregator wrote (`zaya_lib.data.tasks.parse_verdicts`):
 
 - composition of the K candidates: all right, mixed, all wrong; the aggregator's accuracy in each (all right: it should
@@ -16,16 +16,13 @@ and reads the checks the aggregator wrote (`zaya_lib.data.tasks.parse_verdicts`)
 """
 from __future__ import annotations
 
-import random
 from collections import Counter
 from typing import Any, Sequence
 
-from zaya_lib.data.aggregation import build_aggregation_prompt_ids, completion_trace, tail
 from zaya_lib.data.answers import extract_answer
 from zaya_lib.data.tasks import check_candidate, parse_verdicts
-from zaya_lib.data.tokenizer import chat_ids, encode_chat
 from zaya_lib.ttc.backends import Backend
-from zaya_lib.ttc.rsa import judge_answer
+from zaya_lib.ttc.rsa import judge_answer, run_rsa
 
 __all__ = ["aggregation_breakdown", "format_breakdown"]
 
@@ -50,23 +47,11 @@ def aggregation_breakdown(backend: Backend, tokenizer: Any, problems: Sequence[A
         raise ValueError(f"aggregation breakdown: need 1 <= K <= N, got N={N!r}, K={K!r}")
     if not (isinstance(tau, int) and tau > 0):
         raise ValueError(f"aggregation breakdown: tau must be a positive int, got {tau!r}")
-    ids = chat_ids(tokenizer)
-    structural = {ids.pad, ids.bos, ids.eos, ids.system, ids.user, ids.assistant, ids.end}
-    gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-    # the same seeds as run_rsa's rounds 0 and 1, so a breakdown and a run_rsa with one seed see the same samples
-    r0 = backend.generate([encode_chat(tokenizer, p.question)[0] for p in problems for _ in range(N)],
-                          seed=seed * 1000, **gen)
-    rng = random.Random(f"rsa|{seed}")
-    prompts, shown = [], []
-    for i, p in enumerate(problems):
-        group = r0[i * N:(i + 1) * N]
-        traces = [[x for x in completion_trace(tokenizer, c.token_ids) if x not in structural] for c in group]
-        for _ in range(N):
-            members = rng.sample(range(N), K)
-            prompts.append(build_aggregation_prompt_ids(tokenizer, p.question, [tail(traces[m], tau) for m in members],
-                                                        tau=tau))
-            shown.append((i, [extract_answer(group[m].text) for m in members]))
-    r1 = backend.generate(prompts, seed=seed * 1000 + 1, **gen)
+    calls: dict[int, tuple] = {}
+    run_rsa(backend, tokenizer, problems, N, K, 2, tau, max_new_tokens, temperature=temperature, top_p=top_p,
+            seed=seed, on_calls=lambda t, comps, members: calls.__setitem__(t, (comps, members)))
+    (r0, _), (r1, members) = calls[0], calls[1]
+    shown = [(j // N, [extract_answer(r0[(j // N) * N + m].text) for m in mem]) for j, mem in enumerate(members)]
     tasks: dict[str, Counter] = {}
     for i, p in enumerate(problems):
         c = tasks.setdefault(p.task, Counter())
@@ -96,7 +81,8 @@ def aggregation_breakdown(backend: Backend, tokenizer: Any, problems: Sequence[A
     total = Counter()
     for c in tasks.values():
         total.update(c)
-    return {"params": dict(N=N, K=K, tau=tau, seed=seed, problems=len(problems), **gen),
+    return {"params": dict(N=N, K=K, tau=tau, seed=seed, problems=len(problems), max_new_tokens=max_new_tokens,
+                       temperature=temperature, top_p=top_p),
             "tasks": {t: _rates(c) for t, c in tasks.items()}, "all": _rates(total)}
 
 

@@ -137,11 +137,14 @@ def _generate(backend: Backend, prompts: list[list[int]], budget: int, temperatu
 def run_rsa(backend: Backend, tokenizer: Any, problems: Sequence[Any], N: int, K: int, T: int, tau: int | None,
             max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
             judge: Callable[[str | None, Any], bool] = judge_answer, out_path: str | Path | None = None,
-            on_round: Callable[[RoundStats], None] | None = None) -> RSAResult:
+            on_round: Callable[[RoundStats], None] | None = None,
+            on_calls: Callable[[int, list[Completion], list[list[int]]], None] | None = None) -> RSAResult:
     """Markovian RSA (`tau` an int) or plain RSA (`tau=None`: whole traces) over `problems`.
 
     problems: `zaya_lib.data.tasks.Problem`s or (question, gold answer) pairs. T counts all rounds, round 0 included
     (RSA's `loops`). `max_new_tokens` is the per-call budget. See the module docstring for what is recorded.
+    `on_calls(t, completions, members)`, if given, sees every call of round t (problem-major, N per problem) and, for
+    t > 0, the indices of the members whose tails each call was shown (`zaya_lib.ttc.diagnose` reads it).
     """
     _check_int("population N", N)
     _check_int("subset K", K)
@@ -166,6 +169,7 @@ def run_rsa(backend: Backend, tokenizer: Any, problems: Sequence[Any], N: int, K
     total_tokens = 0
 
     for t in range(T):
+        shown: list[list[int]] = []
         if t == 0:
             prompts = [encode_chat(tokenizer, q)[0] for q in questions for _ in range(N)]
             bound = None
@@ -174,6 +178,7 @@ def run_rsa(backend: Backend, tokenizer: Any, problems: Sequence[Any], N: int, K
             for i, q in enumerate(questions):
                 for _ in range(N):
                     members = rng.sample(range(N), K)  # K distinct members, without replacement
+                    shown.append(members)
                     carried = [tr if tau is None else tail(tr, tau) for tr in (traces[i][m] for m in members)]
                     p = build_aggregation_prompt_ids(tokenizer, q, carried, tau=tau)
                     if tau is not None and len(p) > len(problem_ids[i]) + K * tau + overhead:
@@ -184,6 +189,8 @@ def run_rsa(backend: Backend, tokenizer: Any, problems: Sequence[Any], N: int, K
         comps = _generate(backend, prompts, max_new_tokens, temperature, seed * 1000 + t, top_p, result,
                           f"round {t}")
         total_tokens += sum(c.num_generated for c in comps)
+        if on_calls is not None:
+            on_calls(t, comps, shown)
         traces, maj_ok, mem_ok, finals = [], [], [], []
         for i in range(len(questions)):
             group = comps[i * N:(i + 1) * N]
