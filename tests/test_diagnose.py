@@ -73,6 +73,19 @@ def test_the_breakdown_runs_the_same_round_as_run_rsa(tok):
     assert br["all"]["calls"] == 3 * len(PROBLEMS)
 
 
+def test_a_later_round_is_measured_against_the_round_before(tok):
+    """round_index=2 runs run_rsa's first three rounds and judges round 2's calls against round 1's population."""
+    model = tiny_model(tok).eval()
+    a, b = Spy(EngineBackend(model, tok)), Spy(EngineBackend(model, tok))
+    kw = dict(N=3, K=2, tau=6, max_new_tokens=10, temperature=1.0, seed=4)
+    res = run_rsa(a, tok, PROBLEMS, T=3, **kw)
+    br = aggregation_breakdown(b, tok, PROBLEMS, round_index=2, **kw)
+    assert a.calls == b.calls and len(b.calls) == 3
+    assert br["all"]["r0_acc"] == pytest.approx(res.rounds[1].mean_acc)
+    assert br["all"]["r1_acc"] == pytest.approx(res.rounds[2].mean_acc)
+    assert br["params"]["round_index"] == 2 and "| round 1 | round 2 (aggregated) |" in format_breakdown(br)
+
+
 class Scripted(Backend):
     """Round 0: members 0 and 1 right, member 2 wrong. Round 1: the text `agg(problem, members shown)` returns."""
 
@@ -131,6 +144,9 @@ def test_bad_input_is_refused_before_generating(tok):
         aggregation_breakdown(Never(), tok, PROBLEMS, N=2, K=3, tau=4, max_new_tokens=4, temperature=1.0)
     with pytest.raises(ValueError, match="tau"):
         aggregation_breakdown(Never(), tok, PROBLEMS, N=2, K=1, tau=0, max_new_tokens=4, temperature=1.0)
+    with pytest.raises(ValueError, match="round_index"):
+        aggregation_breakdown(Never(), tok, PROBLEMS, N=2, K=1, tau=4, max_new_tokens=4, temperature=1.0,
+                              round_index=0)
 
 
 def test_prompts_are_the_one_builders(tok):

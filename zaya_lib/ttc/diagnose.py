@@ -32,12 +32,16 @@ _KEYS = ("calls", "right", "r0_samples", "r0_right", "all_right", "all_right_ok"
 
 
 def aggregation_breakdown(backend: Backend, tokenizer: Any, problems: Sequence[Any], N: int, K: int, tau: int,
-                          max_new_tokens: int, temperature: float, top_p: float = 1.0, seed: int = 0) -> dict:
-    """Round 0 and one Markovian aggregation round on `problems`, broken down per task (see the module docstring).
+                          max_new_tokens: int, temperature: float, top_p: float = 1.0, seed: int = 0,
+                          round_index: int = 1) -> dict:
+    """Markovian RSA up to round `round_index` (default 1: round 0 and one aggregation round) on `problems`; the
+    calls of that round are broken down per task (see the module docstring) against the population they were shown,
+    the round before. A later round (2, 3, ...) shows how an aggregator does on candidates that were themselves
+    aggregation calls.
 
     Returns {"tasks": {task: counts}, "all": counts, "params": ...}; counts hold `_KEYS` plus the derived rates
-    `r0_acc`, `r1_acc`, `all_right_acc`, `mixed_acc`, `all_wrong_acc`, `verdict_acc`, `solve_acc` (None when
-    undefined)."""
+    `r0_acc` (the population shown: round `round_index - 1`), `r1_acc` (round `round_index`), `all_right_acc`,
+    `mixed_acc`, `all_wrong_acc`, `verdict_acc`, `solve_acc` (None when undefined)."""
     if not problems:
         raise ValueError("aggregation breakdown: no problems given")
     missing = [i for i, p in enumerate(problems) if not hasattr(p, "task")]
@@ -47,10 +51,12 @@ def aggregation_breakdown(backend: Backend, tokenizer: Any, problems: Sequence[A
         raise ValueError(f"aggregation breakdown: need 1 <= K <= N, got N={N!r}, K={K!r}")
     if not (isinstance(tau, int) and tau > 0):
         raise ValueError(f"aggregation breakdown: tau must be a positive int, got {tau!r}")
+    if not (isinstance(round_index, int) and not isinstance(round_index, bool) and round_index >= 1):
+        raise ValueError(f"aggregation breakdown: round_index must be an int >= 1, got {round_index!r}")
     calls: dict[int, tuple] = {}
-    run_rsa(backend, tokenizer, problems, N, K, 2, tau, max_new_tokens, temperature=temperature, top_p=top_p,
-            seed=seed, on_calls=lambda t, comps, members: calls.__setitem__(t, (comps, members)))
-    (r0, _), (r1, members) = calls[0], calls[1]
+    run_rsa(backend, tokenizer, problems, N, K, round_index + 1, tau, max_new_tokens, temperature=temperature,
+            top_p=top_p, seed=seed, on_calls=lambda t, comps, members: calls.__setitem__(t, (comps, members)))
+    (r0, _), (r1, members) = calls[round_index - 1], calls[round_index]
     shown = [(j // N, [extract_answer(r0[(j // N) * N + m].text) for m in mem]) for j, mem in enumerate(members)]
     tasks: dict[str, Counter] = {}
     for i, p in enumerate(problems):
@@ -82,7 +88,7 @@ def aggregation_breakdown(backend: Backend, tokenizer: Any, problems: Sequence[A
     for c in tasks.values():
         total.update(c)
     return {"params": dict(N=N, K=K, tau=tau, seed=seed, problems=len(problems), max_new_tokens=max_new_tokens,
-                       temperature=temperature, top_p=top_p),
+                       temperature=temperature, top_p=top_p, round_index=round_index),
             "tasks": {t: _rates(c) for t, c in tasks.items()}, "all": _rates(total)}
 
 
@@ -99,7 +105,8 @@ def _rates(c: Counter) -> dict:
 def format_breakdown(b: dict) -> str:
     """A markdown table of `aggregation_breakdown`'s result, one row per task and one for all."""
     f = lambda ok, n: f"{ok}/{n}" if n else "-"  # noqa: E731
-    rows = ["| task | round 0 | aggregated | all right kept | mixed resolved | all wrong fixed | verdicts right | "
+    r = b.get("params", {}).get("round_index", 1)
+    rows = [f"| task | round {r - 1} | round {r} (aggregated) | all right kept | mixed resolved | all wrong fixed | verdicts right | "
             "right rejected | wrong accepted | fall-back solves right |", "|" + "---|" * 10]
     for name, c in list(b["tasks"].items()) + [("all", b["all"])]:
         rows.append(f"| {name} | {c['r0_acc']:.3f} | {c['r1_acc']:.3f} | {f(c['all_right_ok'], c['all_right'])} | "
