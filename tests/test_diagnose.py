@@ -5,7 +5,7 @@ import random
 import pytest
 
 from zaya_lib.data.aggregation import build_aggregation_prompt_ids
-from zaya_lib.data.tasks import CHECKERS, _corrupt_solution, aggregation_response, check_candidate, make_suite, \
+from zaya_lib.data.tasks import CHECKERS, FORWARD_CHECKED, _compare, _corrupt_solution, aggregation_response, check_candidate, make_suite, \
     parse_verdicts
 from zaya_lib.data.tokenizer import encode_text
 from zaya_lib.ttc.backends import Backend, Completion, EngineBackend
@@ -31,14 +31,19 @@ def test_parse_verdicts_reads_back_what_aggregation_response_wrote():
             cands = [p.answer if rng.random() < 0.4 else _corrupt_solution(p, rng)[1] for _ in range(3)]
             text = aggregation_response(p, cands)
             got = parse_verdicts(text)
-            # one verdict per distinct integer candidate, in order, up to and including the first that checks out
+            # one verdict per distinct integer candidate, in order, up to and including the first that checks out;
+            # forward-checked tasks: none when all candidates agree, else each one's digits against the solve's result
             want, seen = [], set()
-            for i, a in enumerate(cands, start=1):
+            agree = p.task in FORWARD_CHECKED and len(set(cands)) == 1
+            for i, a in enumerate([] if agree else cands, start=1):
                 x = int(a) if a.lstrip("-").isdigit() else None
                 if x is None or x in seen:
                     continue
                 seen.add(x)
-                trace, ok = check_candidate(p, str(x))
+                if p.task in FORWARD_CHECKED:
+                    trace, ok = _compare(int(p.answer), x), x == int(p.answer)
+                else:
+                    trace, ok = check_candidate(p, str(x))
                 want.append((i, x, trace, ok))
                 if ok:
                     break
@@ -49,7 +54,8 @@ def test_parse_verdicts_reads_back_what_aggregation_response_wrote():
 
 def test_parse_verdicts_skips_candidates_without_a_check():
     assert parse_verdicts("<think>A1 none. A2 12 same. solve: 5+7=12 →12</think>\\boxed{12}") == []
-    assert parse_verdicts("A1 12: 3*4=12 want 12: 2|2= 1|1= ok. →12") == [(1, 12, "3*4=12 want 12: 2|2= 1|1=", True)]
+    assert parse_verdicts("A1 12: 3*4=12? 3*4=12 2|2= 1|1= ok. →12") == [(1, 12, "3*4=12? 3*4=12 2|2= 1|1=", True)]
+    assert parse_verdicts("<think>A1 12 A2 12 agree. →12</think>\\boxed{12}") == []
 
 
 class Spy(Backend):

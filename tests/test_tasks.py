@@ -6,7 +6,7 @@ import re
 import pytest
 
 from zaya_lib.data.tasks import (
-    ARROW, CHECKERS, DEFAULT_REASONING_SUITE, MAX_DIFFICULTY, TASKS, aggregation_response, aggregation_rollout,
+    ARROW, CHECKERS, DEFAULT_REASONING_SUITE, FORWARD_CHECKED, MAX_DIFFICULTY, TASKS, aggregation_response, aggregation_rollout,
     check_candidate,
     corrupt_rollout, cot_final, is_heldout, make_problems, make_suite, split_of,
 )
@@ -147,26 +147,58 @@ def test_division_task():
 
 
 def test_aggregation_response_checks_in_order_and_falls_back_to_solving():
-    p = make_problems("add", 1, seed=2, difficulty=2)[0]
+    p = make_problems("sub", 1, seed=2, difficulty=2)[0]
     wrong = str(int(p.answer) + 10)
     r = aggregation_response(p, [wrong, wrong, p.answer])
     body = r.split("<think>")[1].split("</think>")[0]
     assert body.startswith(f"A1 {wrong}: ") and f"A2 {wrong} same." in body and f"A3 {p.answer}: " in body
     assert body.endswith(f"ok. {ARROW}{p.answer}") and r.endswith(f"\\boxed{{{p.answer}}}")
+    # the check states its equation (every number from the problem or the candidate) before computing
+    b, a = p.metadata["b"], p.metadata["a"]
+    assert f"A3 {p.answer}: {p.answer}+{b}={a}? " in body and " want " not in body
     r = aggregation_response(p, [None, wrong])  # nothing checks out: solve afresh
     assert "A1 none." in r and " no. solve: " + p.cot in r and r.endswith(f"\\boxed{{{p.answer}}}")
     q = make_problems("count_letter", 1, seed=2, difficulty=2)[0]  # no checker: the plain solve
     assert aggregation_response(q, ["1", "2"]) == q.response()
 
 
+def test_forward_checked_tasks_solve_once_then_compare():
+    """add and mul1 (checking = redoing the solve): agreeing candidates are kept as they are; otherwise one solve comes
+    first (its operands read from the problem before any candidate value is written), then each distinct candidate
+    is compared with its result, and the result is the answer even when no candidate matches."""
+    assert FORWARD_CHECKED == {"add", "mul1"}
+    for task in sorted(FORWARD_CHECKED):
+        p = make_problems(task, 1, seed=2, difficulty=2)[0]
+        wrong = str(int(p.answer) + 10)
+        assert aggregation_response(p, [p.answer, p.answer]) == \
+            f"<think>A1 {p.answer} A2 {p.answer} agree. {ARROW}{p.answer}</think>\\boxed{{{p.answer}}}"
+        assert aggregation_response(p, [wrong, wrong]).endswith(f"\\boxed{{{wrong}}}")  # agreement is kept
+        body = aggregation_response(p, [wrong, wrong, p.answer]).split("<think>")[1].split("</think>")[0]
+        assert body.startswith(p.cot + f" A1 {wrong}: ") and f"A2 {wrong} same." in body
+        assert f"A3 {p.answer}: " in body and body.endswith(f"ok. {ARROW}{p.answer}")
+        r = aggregation_response(p, [None, wrong])  # no candidate matches: the solve's own result
+        assert r == f"<think>{p.cot} A1 none. A2 {wrong}: " + r.split(f"A2 {wrong}: ")[1]
+        assert " no. " in r and r.endswith(f"\\boxed{{{p.answer}}}") and "solve:" not in r
+
+
 def test_aggregation_rollouts_are_right_or_wrong_as_asked():
     rng = random.Random(3)
+    agreed = 0
     for task in sorted(CHECKERS):
         for p in make_problems(task, 20, seed=4, difficulty=2):
             right, wrong = aggregation_rollout(p, rng, True), aggregation_rollout(p, rng, False)
-            assert right.startswith("<think>A1 ") and right.endswith(f"\\boxed{{{p.answer}}}")
+            assert right.endswith(f"\\boxed{{{p.answer}}}")
             ans = wrong.rsplit("boxed{", 1)[1][:-1]
-            assert wrong.startswith("<think>A1 ") and " no. solve: " in wrong and ans != p.answer
+            assert ans != p.answer
+            if task in FORWARD_CHECKED:  # agreeing candidates kept, or a solve (that may slip) then comparisons
+                for r in (right, wrong):
+                    agreed += " agree. " in r
+                    assert " agree. " in r or cot_final(r.split("</think>")[0].split(" A1 ")[0]) == \
+                        r.rsplit("boxed{", 1)[1][:-1]
+                continue
+            assert right.startswith("<think>A1 ")
+            assert wrong.startswith("<think>A1 ") and " no. solve: " in wrong
             assert cot_final(wrong.split("</think>")[0]) == ans  # the wrong solve arrives where it says
+    assert 20 <= agreed <= 60  # about half of the 80 forward-checked rollouts
     q = make_problems("count_letter", 1, seed=2, difficulty=2)[0]
     assert aggregation_rollout(q, rng, True) == q.response()

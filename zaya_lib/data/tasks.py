@@ -27,7 +27,7 @@ from typing import Callable
 __all__ = [
     "Problem", "Task", "TASKS", "make_problems", "make_suite", "corrupt_rollout", "format_response",
     "DEFAULT_REASONING_SUITE", "MAX_DIFFICULTY", "HELDOUT_BUCKETS", "SPLITS", "is_heldout", "split_of", "cot_final",
-    "CHECKERS", "check_candidate", "aggregation_response", "aggregation_rollout", "parse_verdicts",
+    "CHECKERS", "FORWARD_CHECKED", "check_candidate", "aggregation_response", "aggregation_rollout", "parse_verdicts",
 ]
 
 MAX_DIFFICULTY = 5
@@ -557,12 +557,16 @@ def _corrupt_solution(problem: Problem, rng: random.Random, error_rate: float = 
 # Checking a candidate answer (what an aggregator does with the endings of earlier attempts)
 #
 # RSA beats voting when an aggregator can check candidates instead of only counting them [RSA paper §4; issue 18].
-# A check is a computation in the solvers' compact CoT format that ends `→R want E`, then `ok` when R equals E: the
-# value it must land on is written right beside the result, so the verdict is a comparison of two adjacent numbers
-# (measured: when E stayed in the question, the tiny model's verdicts were near chance). Where the inverse operation
-# is a skill the model has (a-b=r checked by r+b, n/d=q by q*d, a*x+b=c by substituting x) the check runs it; where
-# it is harder than the solve (s-b for a sum, p/d for a product) the check redoes the forward computation and
-# compares with the candidate. Tasks without a cheap check (count_letter, max, ...) have no checker: an aggregator
+# A check states its equation first, every number of it copied from the problem or the candidate before anything is
+# computed (`260+519=779?`), then computes in the solvers' compact CoT format and compares the result with the
+# equation's target digit by digit (`→779 9|9= 7|7= 7|7=`), then `ok` or `no`. Measured on `val` (issue 18): with the
+# target written after the computation (`→789 want 779`), the tiny model copied it from the result it had just
+# written (`→1096 want 136` for 916) and accepted wrong candidates. Where the inverse operation is a skill the model
+# has (a-b=r checked by r+b, n/d=q by q*d, a*x+b=c by substituting x) the check runs it. Where it is harder than the
+# solve (s-b for a sum, p/d for a product: `FORWARD_CHECKED`), checking a candidate means redoing the solve, so an
+# aggregator solves ONCE, first, then compares each candidate with its result (`_forward_response`); measured: with a
+# redo per candidate written after the candidate's value (`A1 553: 574+79: ...`), the model copied the candidate's
+# digits into the operands. Tasks without a cheap check (count_letter, max, ...) have no checker: an aggregator
 # re-solves them.
 
 
@@ -576,10 +580,10 @@ def _as_int(answer: str | None) -> int | None:
 
 
 def _compare(r: int, e: int) -> str:
-    """`want E:` then the digits of R and E compared right to left up to the first mismatch (`_` where a number has
-    no digit): `want 823: 3|3= 2|2= 8|8=`, `want 823: 1|3≠`. Each verdict is on two digits just written, which a
-    tiny model gets right where it does not get `R == E` right as a whole (measured: whole-number verdicts were near
-    chance; with the verdict written between the digits, `8≠8` appeared)."""
+    """The digits of R and E compared right to left up to the first mismatch (`_` where a number has no digit):
+    `3|3= 2|2= 8|8=` (R = E = 823), `1|3≠`. Each verdict is on two digits just written, which a tiny model gets right
+    where it does not get `R == E` right as a whole (measured: whole-number verdicts were near chance; with the
+    verdict written between the digits, `8≠8` appeared)."""
     rs, es = str(r)[::-1], str(e)[::-1]
     parts = []
     for i in range(max(len(rs), len(es))):
@@ -587,43 +591,45 @@ def _compare(r: int, e: int) -> str:
         parts.append(f"{a}|{b}" + ("=" if a == b else "≠"))  # both digits first, then the verdict on them
         if a != b:
             break
-    return f"want {e}: " + " ".join(parts)
+    return " ".join(parts)
 
 
 def _check_add(m: dict, x: int) -> tuple[str, bool]:
     a, b = m["nums"]
-    cot, s = _solve_columns([a, b], _NO_FAULT)  # addition is the model's surest skill: redo it, compare with x
-    return f"{a}+{b}: {cot} {_compare(int(s), x)}", int(s) == x
+    cot, s = _solve_columns([a, b], _NO_FAULT)  # forward-checked: redo the sum, compare with x
+    return f"{a}+{b}={x}? {cot} {_compare(int(s), x)}", int(s) == x
 
 
 def _check_sub(m: dict, x: int) -> tuple[str, bool]:
     if x < 0:
         return f"{x}<0", False
     cot, s = _solve_columns([x, m["b"]], _NO_FAULT)
-    return f"{x}+{m['b']}: {cot} {_compare(int(s), m['a'])}", int(s) == m["a"]
+    return f"{x}+{m['b']}={m['a']}? {cot} {_compare(int(s), m['a'])}", int(s) == m["a"]
 
 
 def _check_mul1(m: dict, x: int) -> tuple[str, bool]:
-    cot, p = _solve_mul1({"a": m["a"], "d": m["d"]}, _NO_FAULT)  # division is harder than the product: redo it
-    return f"{m['a']}*{m['d']}: {cot} {_compare(int(p), x)}", int(p) == x
+    cot, p = _solve_mul1({"a": m["a"], "d": m["d"]}, _NO_FAULT)  # forward-checked: division is harder than the product
+    return f"{m['a']}*{m['d']}={x}? {cot} {_compare(int(p), x)}", int(p) == x
 
 
 def _check_div(m: dict, x: int) -> tuple[str, bool]:
     if x <= 0:
         return f"{x}<1", False
     cot, p = _solve_mul1({"a": x, "d": m["d"]}, _NO_FAULT)
-    return f"{x}*{m['d']}: {cot} {_compare(int(p), m['n'])}", int(p) == m["n"]
+    return f"{x}*{m['d']}={m['n']}? {cot} {_compare(int(p), m['n'])}", int(p) == m["n"]
 
 
 def _check_linear(m: dict, x: int) -> tuple[str, bool]:
     a, b, c = m["a"], m["b"], m["c"]
-    ax = a * x
-    return f"{a}*{x}={ax} {ax}{'+' if b > 0 else '-'}{abs(b)}={ax + b} {_compare(ax + b, c)}", ax + b == c
+    ax, sign = a * x, "+" if b > 0 else "-"
+    return f"{a}*{x}{sign}{abs(b)}={c}? {a}*{x}={ax} {ax}{sign}{abs(b)}={ax + b} {_compare(ax + b, c)}", ax + b == c
 
 
 CHECKERS: dict[str, Callable[[dict, int], tuple[str, bool]]] = {
     "add": _check_add, "sub": _check_sub, "mul1": _check_mul1, "div": _check_div, "linear_eq": _check_linear,
 }
+# Tasks whose check is the solve itself: an aggregator solves once and compares the candidates with its result.
+FORWARD_CHECKED = frozenset({"add", "mul1"})
 
 
 def check_candidate(problem: Problem, answer: str | None) -> tuple[str, bool | None]:
@@ -639,13 +645,40 @@ def check_candidate(problem: Problem, answer: str | None) -> tuple[str, bool | N
     return trace, ok
 
 
+def _forward_response(cot: str, result: str, candidate_answers: list[str | None]) -> str:
+    """An aggregation response for a `FORWARD_CHECKED` task. Candidates that all show the same answer are kept without
+    a redo (`A1 861 A2 861 agree. →861`: a redo that slips would otherwise overrule two agreeing candidates, measured
+    on `val`). Otherwise solve once (`cot`, arriving at `result`), then compare each distinct candidate with the
+    result digit by digit, stop at the first that matches, and answer the result."""
+    vals = [_as_int(a) for a in candidate_answers]
+    if len(vals) >= 2 and vals[0] is not None and all(v == vals[0] for v in vals):
+        names = " ".join(f"A{i + 1} {v}" for i, v in enumerate(vals))
+        return format_response(f"{names} agree. {ARROW}{vals[0]}", str(vals[0]))
+    parts, seen, r = [cot], set(), _as_int(result)
+    for i, x in enumerate(vals):
+        if x is None:
+            parts.append(f"A{i + 1} none.")
+        elif x in seen:
+            parts.append(f"A{i + 1} {x} same.")
+        else:
+            seen.add(x)
+            parts.append(f"A{i + 1} {x}: {_compare(r, x)} {'ok' if x == r else 'no'}.")
+            if x == r:
+                break
+    return format_response(" ".join(parts) + f" {ARROW}{result}", result)
+
+
 def aggregation_response(problem: Problem, candidate_answers: list[str | None]) -> str:
     """The gold response of an aggregation call that saw candidates with these final answers (None: the ending shows
-    no answer): check the distinct candidates in order with the inverse operation and stop at the first that checks
-    out; when none does (or the task has no checker), solve the problem afresh. E.g. for `Compute 472+389.` with
-    candidates 851, 861: `<think>A1 851: 472+389: ... →861 want 851: 1|1= 6|5≠ no. A2 861: 472+389: ... →861 want 861: ... ok.
-    →861</think>\\boxed{861}`.
+    no answer). Inverse-checked tasks: check the distinct candidates in order and stop at the first that checks out;
+    when none does (or the task has no checker), solve the problem afresh. E.g. for `Compute 779-519.` with
+    candidates 270, 260: `<think>A1 270: 270+519=779? 0+9=9 7+1=8 2+5=7 →789 9|9= 8|7≠ no. A2 260: 260+519=779? ...
+    →779 9|9= 7|7= 7|7= ok. →260</think>\\boxed{260}`. `FORWARD_CHECKED` tasks: keep agreeing candidates, else
+    solve once and compare (`_forward_response`): `<think>9+2=11 c1 ... →861 A1 851: 1|1= 5|6≠ no. A2 861: 1|1= 6|6=
+    8|8= ok. →861</think>\\boxed{861}`.
     """
+    if problem.task in FORWARD_CHECKED:
+        return _forward_response(problem.cot, problem.answer, candidate_answers)
     parts, seen = [], set()
     if problem.task in CHECKERS:
         for i, ans in enumerate(candidate_answers):
@@ -682,10 +715,23 @@ def aggregation_rollout(problem: Problem, rng: random.Random, correct: bool) -> 
     """A response as an aggregation call would write it, right or wrong: what a later Markovian RSA round sees as a
     candidate (issue 18: trained only on plain candidates, the tiny aggregator met these in round 2 for the first time
     and lost accuracy round after round). Right: `aggregation_response` over a wrong and the right answer, in random
-    order. Wrong: a wrong candidate checked and rejected, then a fresh solve with one realistic mistake."""
+    order. Wrong: a wrong candidate checked and rejected, then a fresh solve with one realistic mistake.
+    `FORWARD_CHECKED` tasks: half of them two agreeing candidates kept (right: the answer; wrong: a wrong answer);
+    otherwise right: a redo compared with a wrong and the right candidate; wrong: a redo with one realistic mistake,
+    compared with a wrong candidate and answered."""
     if problem.task not in CHECKERS:
         return problem.response() if correct else corrupt_rollout(problem, rng)
     _, wrong = _corrupt_solution(problem, rng)
+    if problem.task in FORWARD_CHECKED:
+        if rng.random() < 0.5:
+            agreed = problem.answer if correct else wrong
+            return _forward_response("", agreed, [agreed, agreed])
+        if correct:
+            answers = [wrong, problem.answer]
+            rng.shuffle(answers)
+            return aggregation_response(problem, answers)
+        cot, ans = _corrupt_solution(problem, rng)
+        return _forward_response(cot, ans, [wrong])
     if correct:
         answers = [wrong, problem.answer]
         rng.shuffle(answers)
