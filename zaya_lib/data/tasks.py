@@ -645,6 +645,26 @@ def check_candidate(problem: Problem, answer: str | None) -> tuple[str, bool | N
     return trace, ok
 
 
+def _check_in_order(candidate_answers: list[str | None], check: Callable[[int], tuple[str, bool]],
+                    parts: list[str]) -> int | None:
+    """Append one entry per candidate to `parts` (`A1 none.`, `A2 861 same.`, `A3 861: <trace> ok.`), checking each
+    distinct integer with `check(x) -> (trace, ok)` and stopping at the first that passes; returns it (else None)."""
+    seen = set()
+    for i, ans in enumerate(candidate_answers):
+        x = _as_int(ans)
+        if x is None:
+            parts.append(f"A{i + 1} none.")
+        elif x in seen:
+            parts.append(f"A{i + 1} {x} same.")
+        else:
+            seen.add(x)
+            trace, ok = check(x)
+            parts.append(f"A{i + 1} {x}: {trace} {'ok' if ok else 'no'}.")
+            if ok:
+                return x
+    return None
+
+
 def _forward_response(cot: str, result: str, candidate_answers: list[str | None]) -> str:
     """An aggregation response for a `FORWARD_CHECKED` task. Candidates that all show the same answer are kept without
     a redo (`A1 861 A2 861 agree. →861`: a redo that slips would otherwise overrule two agreeing candidates, measured
@@ -654,17 +674,8 @@ def _forward_response(cot: str, result: str, candidate_answers: list[str | None]
     if len(vals) >= 2 and vals[0] is not None and all(v == vals[0] for v in vals):
         names = " ".join(f"A{i + 1} {v}" for i, v in enumerate(vals))
         return format_response(f"{names} agree. {ARROW}{vals[0]}", str(vals[0]))
-    parts, seen, r = [cot], set(), _as_int(result)
-    for i, x in enumerate(vals):
-        if x is None:
-            parts.append(f"A{i + 1} none.")
-        elif x in seen:
-            parts.append(f"A{i + 1} {x} same.")
-        else:
-            seen.add(x)
-            parts.append(f"A{i + 1} {x}: {_compare(r, x)} {'ok' if x == r else 'no'}.")
-            if x == r:
-                break
+    parts, r = [cot], _as_int(result)
+    _check_in_order(candidate_answers, lambda x: (_compare(r, x), x == r), parts)
     return format_response(" ".join(parts) + f" {ARROW}{result}", result)
 
 
@@ -679,21 +690,11 @@ def aggregation_response(problem: Problem, candidate_answers: list[str | None]) 
     """
     if problem.task in FORWARD_CHECKED:
         return _forward_response(problem.cot, problem.answer, candidate_answers)
-    parts, seen = [], set()
+    parts: list[str] = []
     if problem.task in CHECKERS:
-        for i, ans in enumerate(candidate_answers):
-            x = _as_int(ans)
-            if x is None:
-                parts.append(f"A{i + 1} none.")
-                continue
-            if x in seen:
-                parts.append(f"A{i + 1} {x} same.")
-                continue
-            seen.add(x)
-            trace, ok = check_candidate(problem, str(x))
-            parts.append(f"A{i + 1} {x}: {trace} {'ok' if ok else 'no'}.")
-            if ok:
-                return format_response(" ".join(parts) + f" {ARROW}{x}", str(x))
+        kept = _check_in_order(candidate_answers, lambda x: check_candidate(problem, str(x)), parts)
+        if kept is not None:
+            return format_response(" ".join(parts) + f" {ARROW}{kept}", str(kept))
     cot = problem.cot if not parts else " ".join(parts) + " solve: " + problem.cot
     return format_response(cot, problem.answer)
 
