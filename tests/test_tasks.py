@@ -10,6 +10,7 @@ from zaya_lib.data.tasks import (
     check_candidate,
     corrupt_rollout, cot_final, is_heldout, make_problems, make_suite, split_of,
 )
+from zaya_lib.data.tasks import _NO_FAULT  # the fault-free solver, to build expected check traces
 
 RESPONSE_RE = re.compile(r"^<think>([^<>]*)</think>\\boxed\{(-?\d+)\}$")
 MAX_RE = re.compile(r"^max\((-?\d+),(-?\d+)\)=(-?\d+)$")
@@ -136,6 +137,25 @@ def test_checks_accept_the_answer_and_reject_realistic_mistakes(task, difficulty
     assert check_candidate(p, "x7") == ("none", False) and check_candidate(p, None) == ("none", False)
 
 
+def test_linear_check_substitutes_in_columns():
+    """a*x+b=c with x >= 0, a one digit and b > 0 (every level-1 and level-2 problem): the product runs in mul1's columns
+    and the sum in add's, each from numbers already written; other signs fall back to whole-number steps."""
+    rng = random.Random(5)
+    for p in make_problems("linear_eq", 40, seed=6, difficulty=2):
+        a, b, c = p.metadata["a"], p.metadata["b"], p.metadata["c"]
+        for x in (int(p.answer), int(p.answer) + rng.choice((1, 2, 3))):
+            trace, ok = check_candidate(p, str(x))
+            prod = TASKS["mul1"].solve({"a": x, "d": a}, _NO_FAULT)[0]
+            add = TASKS["add"].solve({"nums": [a * x, b]}, _NO_FAULT)[0]
+            assert trace.startswith(f"{x}*{a}+{b}={c}? {prod} {add} "), trace
+            assert ok is (x == int(p.answer))
+    neg = [p for p in make_problems("linear_eq", 60, seed=6, difficulty=3) if p.metadata["b"] < 0][0]
+    a, b, c = neg.metadata["a"], neg.metadata["b"], neg.metadata["c"]
+    trace, ok = check_candidate(neg, neg.answer)
+    x = int(neg.answer)
+    assert ok and trace.startswith(f"{a}*{x}-{-b}={c}? {a}*{x}={a * x} {a * x}-{-b}={c} "), trace
+
+
 def test_division_task():
     for d in range(1, 6):
         for p in make_problems("div", 80, seed=1, difficulty=d):
@@ -163,22 +183,26 @@ def test_aggregation_response_checks_in_order_and_falls_back_to_solving():
 
 
 def test_forward_checked_tasks_solve_once_then_compare():
-    """add and mul1 (checking = redoing the solve): agreeing candidates are kept as they are; otherwise one solve comes
-    first (its operands read from the problem before any candidate value is written), then each distinct candidate
-    is compared with its result, and the result is the answer even when no candidate matches."""
+    """add and mul1 (checking = redoing the solve): the response names the candidates and, for two, compares their digits;
+    agreeing candidates are kept as they are; otherwise one solve comes (its operands read from the problem before any
+    candidate is checked), then each distinct candidate is compared with its result, and the result is the answer
+    even when no candidate matches."""
     assert FORWARD_CHECKED == {"add", "mul1"}
     for task in sorted(FORWARD_CHECKED):
         p = make_problems(task, 1, seed=2, difficulty=2)[0]
-        wrong = str(int(p.answer) + 10)
-        assert aggregation_response(p, [p.answer, p.answer]) == \
-            f"<think>A1 {p.answer} A2 {p.answer} agree. {ARROW}{p.answer}</think>\\boxed{{{p.answer}}}"
+        a = p.answer
+        wrong = str(int(a) + 10)
+        same = " ".join(f"{d}|{d}=" for d in reversed(a))
+        assert aggregation_response(p, [a, a]) == f"<think>A1 {a} A2 {a} {same} agree. {ARROW}{a}</think>\\boxed{{{a}}}"
         assert aggregation_response(p, [wrong, wrong]).endswith(f"\\boxed{{{wrong}}}")  # agreement is kept
-        body = aggregation_response(p, [wrong, wrong, p.answer]).split("<think>")[1].split("</think>")[0]
-        assert body.startswith(p.cot + f" A1 {wrong}: ") and f"A2 {wrong} same." in body
-        assert f"A3 {p.answer}: " in body and body.endswith(f"ok. {ARROW}{p.answer}")
+        r = aggregation_response(p, [wrong, a])  # the first differing digit pair ends the comparison
+        assert r.startswith(f"<think>A1 {wrong} A2 {a} {a[-1]}|{a[-1]}= {wrong[-2]}|{a[-2]}≠ differ. {p.cot} A1 {wrong}: ")
+        body = aggregation_response(p, [wrong, wrong, a]).split("<think>")[1].split("</think>")[0]
+        assert body.startswith(f"A1 {wrong} A2 {wrong} A3 {a} differ. {p.cot} A1 {wrong}: ")  # names only for 3
+        assert f"A2 {wrong} same." in body and f"A3 {a}: " in body and body.endswith(f"ok. {ARROW}{a}")
         r = aggregation_response(p, [None, wrong])  # no candidate matches: the solve's own result
-        assert r == f"<think>{p.cot} A1 none. A2 {wrong}: " + r.split(f"A2 {wrong}: ")[1]
-        assert " no. " in r and r.endswith(f"\\boxed{{{p.answer}}}") and "solve:" not in r
+        assert r == f"<think>A1 none A2 {wrong} differ. {p.cot} A1 none. A2 {wrong}: " + r.split(f"A2 {wrong}: ")[1]
+        assert " no. " in r and r.endswith(f"\\boxed{{{a}}}") and "solve:" not in r
 
 
 def test_aggregation_rollouts_are_right_or_wrong_as_asked():

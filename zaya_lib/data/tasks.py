@@ -620,8 +620,15 @@ def _check_div(m: dict, x: int) -> tuple[str, bool]:
 
 
 def _check_linear(m: dict, x: int) -> tuple[str, bool]:
+    """Substitute x into a*x+b=c. For x >= 0, a one digit and b > 0 (every held-out level-2 problem) both steps run in
+    columns, as the mul1 and add solves do: `16*8+28=180? 6*8=48 c4 1*8+4=12 c1 →128 8+8=16 c1 2+2+1=5 1=1 →156
+    6|0≠`. Otherwise (negative x or b, a two-digit a) the product and the sum are written whole."""
     a, b, c = m["a"], m["b"], m["c"]
     ax, sign = a * x, "+" if b > 0 else "-"
+    if x >= 0 and a <= 9 and b > 0:
+        prod, _ = _solve_mul1({"a": x, "d": a}, _NO_FAULT)
+        add, s = _solve_columns([ax, b], _NO_FAULT)
+        return f"{x}*{a}+{b}={c}? {prod} {add} {_compare(int(s), c)}", int(s) == c
     return f"{a}*{x}{sign}{abs(b)}={c}? {a}*{x}={ax} {ax}{sign}{abs(b)}={ax + b} {_compare(ax + b, c)}", ax + b == c
 
 
@@ -666,15 +673,19 @@ def _check_in_order(candidate_answers: list[str | None], check: Callable[[int], 
 
 
 def _forward_response(cot: str, result: str, candidate_answers: list[str | None]) -> str:
-    """An aggregation response for a `FORWARD_CHECKED` task. Candidates that all show the same answer are kept without
-    a redo (`A1 861 A2 861 agree. →861`: a redo that slips would otherwise overrule two agreeing candidates, measured
-    on `val`). Otherwise solve once (`cot`, arriving at `result`), then compare each distinct candidate with the
-    result digit by digit, stop at the first that matches, and answer the result."""
+    """An aggregation response for a `FORWARD_CHECKED` task. It opens by naming the candidates' answers; for two of
+    them it compares their digits right to left, as every check does (`A1 861 A2 861 1|1= 6|6= 8|8= agree.`), because
+    the tiny model cannot tell whole numbers apart (measured: with the names alone it wrote `A1 1311 A2 1311
+    differ.`). Agreeing candidates are kept without a redo (`... agree. →861`): a redo that slips would otherwise
+    overrule two right candidates. Otherwise (`differ.`) it solves once (`cot`, arriving at `result`), compares each
+    distinct candidate with the result digit by digit, stops at the first that matches, and answers the result."""
     vals = [_as_int(a) for a in candidate_answers]
+    lead = " ".join(f"A{i + 1} {'none' if v is None else v}" for i, v in enumerate(vals))
+    if len(vals) == 2 and None not in vals:
+        lead += " " + _compare(vals[0], vals[1])
     if len(vals) >= 2 and vals[0] is not None and all(v == vals[0] for v in vals):
-        names = " ".join(f"A{i + 1} {v}" for i, v in enumerate(vals))
-        return format_response(f"{names} agree. {ARROW}{vals[0]}", str(vals[0]))
-    parts, r = [cot], _as_int(result)
+        return format_response(f"{lead} agree. {ARROW}{vals[0]}", str(vals[0]))
+    parts, r = ([f"{lead} differ."] if len(vals) >= 2 else []) + [cot], _as_int(result)
     _check_in_order(candidate_answers, lambda x: (_compare(r, x), x == r), parts)
     return format_response(" ".join(parts) + f" {ARROW}{result}", result)
 
@@ -684,9 +695,9 @@ def aggregation_response(problem: Problem, candidate_answers: list[str | None]) 
     no answer). Inverse-checked tasks: check the distinct candidates in order and stop at the first that checks out;
     when none does (or the task has no checker), solve the problem afresh. E.g. for `Compute 779-519.` with
     candidates 270, 260: `<think>A1 270: 270+519=779? 0+9=9 7+1=8 2+5=7 →789 9|9= 8|7≠ no. A2 260: 260+519=779? ...
-    →779 9|9= 7|7= 7|7= ok. →260</think>\\boxed{260}`. `FORWARD_CHECKED` tasks: keep agreeing candidates, else
-    solve once and compare (`_forward_response`): `<think>9+2=11 c1 ... →861 A1 851: 1|1= 5|6≠ no. A2 861: 1|1= 6|6=
-    8|8= ok. →861</think>\\boxed{861}`.
+    →779 9|9= 7|7= 7|7= ok. →260</think>\\boxed{260}`. `FORWARD_CHECKED` tasks: compare the candidates, keep them
+    when they agree, else solve once and compare each with the result (`_forward_response`): `<think>A1 851 A2 861
+    1|1= 5|6≠ differ. 9+2=11 c1 ... →861 A1 851: 1|1= 5|6≠ no. A2 861: 1|1= 6|6= 8|8= ok. →861</think>\\boxed{861}`.
     """
     if problem.task in FORWARD_CHECKED:
         return _forward_response(problem.cot, problem.answer, candidate_answers)
