@@ -65,6 +65,24 @@ def test_collect_claims_per_seed_pooled_and_missing(tmp_path):
     assert (tmp_path / "figures" / "claim_rl_vs_sft_greedy.png").stat().st_size > 1000
 
 
+def test_rsa_curves_average_sampling_repeats_and_plot_the_seed_spread(tmp_path):
+    def rounds(accs, tok):
+        return [{"round": t, "majority_acc": a, "tokens_per_problem": tok * (t + 1)} for t, a in enumerate(accs)]
+    for s in (0, 1):
+        _write(tmp_path / f"seed{s}", "07_markovian_rsa.json", {
+            "markovian_rounds_by_seed": [rounds([0.5, 0.6 + 0.1 * s], 100), rounds([0.5, 0.8 + 0.1 * s], 100)],
+            "plain_rounds_by_seed": [rounds([0.5, 0.4], 120)],
+            "sc_by_seed": [{"majority_acc": [0.5, 0.55, 0.6], "tokens_per_problem": [40, 80, 120]},
+                           {"majority_acc": [0.5, 0.65], "tokens_per_problem": [40, 80]}]})
+    c = S.rsa_curves(tmp_path, [0, 1, 2])  # seed 2 has no metrics: left out, not an error
+    assert c["markovian"]["seeds"] == [0, 1] and c["markovian"]["acc"] == [[0.5, 0.7], [0.5, pytest.approx(0.8)]]
+    assert c["markovian"]["tokens"][0] == [100, 200] and c["plain"]["acc"][1] == [0.5, 0.4]
+    assert c["majority vote"]["acc"][0] == [0.5, pytest.approx(0.6)] and c["majority vote"]["tokens"][0] == [40, 80]  # shortest run
+    path = S.plot_rsa_curves(c, tmp_path / "figures")
+    assert path.name == "rsa_tokens.png" and path.stat().st_size > 1000
+    assert S.plot_rsa_curves(S.rsa_curves(tmp_path, [2]), tmp_path / "none") is None
+
+
 def test_a_negative_seed_fails_the_claim(tmp_path):
     for s, (a, b) in {0: ([1] * 50, [0] * 50), 1: ([0, 1] * 25, [1, 1] * 25)}.items():
         _write(tmp_path / f"seed{s}", "06_rl_cascade.json", {"paired": {"rl_vs_sft_greedy": {"a": a, "b": b}}})

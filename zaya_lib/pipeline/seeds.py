@@ -14,7 +14,9 @@ Notable features:
   (seed, problem) pair with a bootstrap that resamples problems within each seed (stratified), so each seed keeps
   its weight. A claim holds when the pooled interval excludes 0 AND every seed's point estimate is positive.
 - Output: `claims.json` (every number), `claims.md` (one table row per claim, each seed's value, the pooled interval,
-  the verdict) and one figure per claim with the seeds side by side (`figures/claim_<id>.png`).
+  the verdict) and one figure per claim with the seeds side by side (`figures/claim_<id>.png`); `figures/
+  rsa_tokens.png` plots accuracy against generated tokens for Markovian RSA, plain RSA and majority vote, every
+  seed's curve and the spread over seeds.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import yaml
 from zaya_lib.utils import atomic_write_json, atomic_write_text
 
 __all__ = ["CLAIMS", "VALUE_CLAIMS", "study_dir", "run_seed_study", "collect_claims", "paired_stats",
-           "pooled_paired_stats", "render_claims_md", "plot_claims"]
+           "pooled_paired_stats", "render_claims_md", "plot_claims", "rsa_curves", "plot_rsa_curves"]
 
 # claim id -> (notebook metrics file, statement). The notebooks write the vectors; this table is the report's order.
 CLAIMS: dict[str, tuple[str, str]] = {
@@ -200,6 +202,8 @@ def render_claims_md(claims: dict) -> str:
         mean = "n/a" if row["mean"] is None else f"{row['mean']:.3f}"
         lines.append(f"| {row['claim']} (`{cid}`) | " + " | ".join(cells) + f" | {mean} | "
                      f"{'yes' if row['holds'] else 'NO'} |")
+    lines += ["", "Accuracy against generated tokens (Markovian RSA, plain RSA, majority vote), each seed and the "
+              "spread over seeds: [figures/rsa_tokens.png](figures/rsa_tokens.png)."]
     return "\n".join(lines) + "\n"
 
 
@@ -241,7 +245,68 @@ def plot_claims(claims: dict, figures: Path) -> list[Path]:
     return paths
 
 
+def rsa_curves(out: str | Path, seeds: Sequence[int]) -> dict[str, dict[str, list[list[float]]]]:
+    """Accuracy against generated tokens per problem for Markovian RSA, plain RSA (majority over the population after
+    each round) and majority vote over n independent samples, one curve per seed that has notebook 07's metrics (its
+    sampling repeats averaged): `{method: {"tokens": [[...] per seed], "acc": [[...] per seed], "seeds": [...]}}`."""
+    curves: dict[str, dict[str, list]] = {k: {"tokens": [], "acc": [], "seeds": []}
+                                          for k in ("markovian", "plain", "majority vote")}
+    for s in seeds:
+        m = _load(Path(out) / f"seed{s}", "07_markovian_rsa.json")
+        if not m or not m.get("sc_by_seed"):
+            continue
+        for key, name in (("markovian_rounds_by_seed", "markovian"), ("plain_rounds_by_seed", "plain")):
+            runs = m[key]
+            curves[name]["tokens"].append([sum(r[t]["tokens_per_problem"] for r in runs) / len(runs)
+                                           for t in range(len(runs[0]))])
+            curves[name]["acc"].append([sum(r[t]["majority_acc"] for r in runs) / len(runs)
+                                        for t in range(len(runs[0]))])
+            curves[name]["seeds"].append(s)
+        sc = m["sc_by_seed"]
+        n = min(len(c["majority_acc"]) for c in sc)
+        curves["majority vote"]["tokens"].append([sum(c["tokens_per_problem"][i] for c in sc) / len(sc)
+                                                  for i in range(n)])
+        curves["majority vote"]["acc"].append([sum(c["majority_acc"][i] for c in sc) / len(sc) for i in range(n)])
+        curves["majority vote"]["seeds"].append(s)
+    return curves
+
+
+def plot_rsa_curves(curves: dict, figures: Path) -> Path | None:
+    """`figures/rsa_tokens.png`: every seed's curve (thin) and their mean with the min-max spread over seeds (band);
+    None when no seed has notebook 07's metrics."""
+    if not any(c["acc"] for c in curves.values()):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from zaya_lib.pipeline.figures import save_figure
+
+    figures.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, (name, c) in enumerate(curves.items()):
+        if not c["acc"]:
+            continue
+        n = min(len(a) for a in c["acc"])
+        x = [sum(t[j] for t in c["tokens"]) / len(c["tokens"]) for j in range(n)]
+        ys = [[a[j] for a in c["acc"]] for j in range(n)]
+        for t, a in zip(c["tokens"], c["acc"]):
+            ax.plot(t[:n], a[:n], "-", color=f"C{i}", lw=0.7, alpha=0.35)
+        ax.plot(x, [sum(y) / len(y) for y in ys], "o-" if name != "majority vote" else "^-", color=f"C{i}",
+                label=f"{name} (mean of {len(c['acc'])} seeds)")
+        ax.fill_between(x, [min(y) for y in ys], [max(y) for y in ys], color=f"C{i}", alpha=0.15)
+    ax.set(xlabel="generated tokens per problem", ylabel="majority-vote accuracy (held-out)",
+           title="Test-time compute over the seeds: Markovian RSA, plain RSA, majority vote")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = figures / save_figure(fig, figures.parent, "rsa_tokens")
+    plt.close(fig)
+    return path
+
+
 def write_claims(out: Path, claims: dict) -> None:
     atomic_write_json(out / "claims.json", claims)
     atomic_write_text(out / "claims.md", render_claims_md(claims))
     plot_claims(claims, out / "figures")
+    plot_rsa_curves(rsa_curves(out, claims["seeds"]), out / "figures")
