@@ -60,6 +60,7 @@ def test_collect_claims_per_seed_pooled_and_missing(tmp_path):
     assert v["holds"] and v["mean"] == pytest.approx(0.425)
     md = S.render_claims_md(c2)
     assert "rl_vs_sft_greedy" in md and "| yes |" in md and "missing" in md  # other claims are missing
+    assert "rsa_tokens.png" not in md  # no seed has notebook 07's metrics: no figure, no link
     S.write_claims(tmp_path, c2)
     assert json.loads((tmp_path / "claims.json").read_text())["seeds"] == [0, 1]
     assert (tmp_path / "figures" / "claim_rl_vs_sft_greedy.png").stat().st_size > 1000

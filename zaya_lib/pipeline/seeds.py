@@ -202,8 +202,9 @@ def render_claims_md(claims: dict) -> str:
         mean = "n/a" if row["mean"] is None else f"{row['mean']:.3f}"
         lines.append(f"| {row['claim']} (`{cid}`) | " + " | ".join(cells) + f" | {mean} | "
                      f"{'yes' if row['holds'] else 'NO'} |")
-    lines += ["", "Accuracy against generated tokens (Markovian RSA, plain RSA, majority vote), each seed and the "
-              "spread over seeds: [figures/rsa_tokens.png](figures/rsa_tokens.png)."]
+    if claims["paired"].get("mrsa_vs_majority", {}).get("per_seed"):  # notebook 07 ran: write_claims draws the figure
+        lines += ["", "Accuracy against generated tokens (Markovian RSA, plain RSA, majority vote), each seed and the "
+                  "spread over seeds: [figures/rsa_tokens.png](figures/rsa_tokens.png)."]
     return "\n".join(lines) + "\n"
 
 
@@ -245,6 +246,12 @@ def plot_claims(claims: dict, figures: Path) -> list[Path]:
     return paths
 
 
+def _mean_rows(rows: list[list[float]]) -> list[float]:
+    """Element-wise mean of several runs' curves, over the shortest one."""
+    n = min(len(r) for r in rows)
+    return [sum(r[i] for r in rows) / len(rows) for i in range(n)]
+
+
 def rsa_curves(out: str | Path, seeds: Sequence[int]) -> dict[str, dict[str, list[list[float]]]]:
     """Accuracy against generated tokens per problem for Markovian RSA, plain RSA (majority over the population after
     each round) and majority vote over n independent samples, one curve per seed that has notebook 07's metrics (its
@@ -255,19 +262,15 @@ def rsa_curves(out: str | Path, seeds: Sequence[int]) -> dict[str, dict[str, lis
         m = _load(Path(out) / f"seed{s}", "07_markovian_rsa.json")
         if not m or not m.get("sc_by_seed"):
             continue
-        for key, name in (("markovian_rounds_by_seed", "markovian"), ("plain_rounds_by_seed", "plain")):
-            runs = m[key]
-            curves[name]["tokens"].append([sum(r[t]["tokens_per_problem"] for r in runs) / len(runs)
-                                           for t in range(len(runs[0]))])
-            curves[name]["acc"].append([sum(r[t]["majority_acc"] for r in runs) / len(runs)
-                                        for t in range(len(runs[0]))])
+        runs = {"markovian": [[(r["tokens_per_problem"], r["majority_acc"]) for r in run]
+                              for run in m["markovian_rounds_by_seed"]],
+                "plain": [[(r["tokens_per_problem"], r["majority_acc"]) for r in run]
+                          for run in m["plain_rounds_by_seed"]],
+                "majority vote": [list(zip(c["tokens_per_problem"], c["majority_acc"])) for c in m["sc_by_seed"]]}
+        for name, rs in runs.items():
+            curves[name]["tokens"].append(_mean_rows([[t for t, _ in r] for r in rs]))
+            curves[name]["acc"].append(_mean_rows([[a for _, a in r] for r in rs]))
             curves[name]["seeds"].append(s)
-        sc = m["sc_by_seed"]
-        n = min(len(c["majority_acc"]) for c in sc)
-        curves["majority vote"]["tokens"].append([sum(c["tokens_per_problem"][i] for c in sc) / len(sc)
-                                                  for i in range(n)])
-        curves["majority vote"]["acc"].append([sum(c["majority_acc"][i] for c in sc) / len(sc) for i in range(n)])
-        curves["majority vote"]["seeds"].append(s)
     return curves
 
 
@@ -288,8 +291,8 @@ def plot_rsa_curves(curves: dict, figures: Path) -> Path | None:
     for i, (name, c) in enumerate(curves.items()):
         if not c["acc"]:
             continue
-        n = min(len(a) for a in c["acc"])
-        x = [sum(t[j] for t in c["tokens"]) / len(c["tokens"]) for j in range(n)]
+        x = _mean_rows(c["tokens"])
+        n = len(x)
         ys = [[a[j] for a in c["acc"]] for j in range(n)]
         for t, a in zip(c["tokens"], c["acc"]):
             ax.plot(t[:n], a[:n], "-", color=f"C{i}", lw=0.7, alpha=0.35)
