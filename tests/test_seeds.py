@@ -47,7 +47,9 @@ def test_collect_claims_per_seed_pooled_and_missing(tmp_path):
         run = tmp_path / f"seed{s}"
         _write(run, "06_rl_cascade.json", {"paired": {"rl_vs_sft_greedy": {"a": a, "b": b, "label_a": "rl",
                                                                           "label_b": "sft"}}})
-        _write(run, "05_sft.json", {"values": {"sft_single_sample": 0.4 + 0.05 * s, "sft_passn_margin": 0.2}})
+        # notebook 05's own pass@k margin is not the claim's: pass@N is read from notebook 07 (N = RSA population)
+        _write(run, "05_sft.json", {"values": {"sft_single_sample": 0.4 + 0.05 * s, "sft_passn_margin": 0.9}})
+        _write(run, "07_markovian_rsa.json", {"values": {"sft_passn_margin": 0.1 + 0.1 * s}})
     c = S.collect_claims(tmp_path, [0, 1, 2])
     rl = c["paired"]["rl_vs_sft_greedy"]
     assert set(rl["per_seed"]) == {"0", "1"} and rl["missing_seeds"] == [2]
@@ -58,6 +60,9 @@ def test_collect_claims_per_seed_pooled_and_missing(tmp_path):
     assert c2["paired"]["rl_vs_sft_greedy"]["holds"] is True
     v = c2["values"]["sft_single_sample"]
     assert v["holds"] and v["mean"] == pytest.approx(0.425)
+    m = c2["values"]["sft_passn_margin"]
+    assert m["source"] == "07_markovian_rsa.json" and m["mean"] == pytest.approx(0.15)
+    assert m["holds"] is False  # seed 0's margin (0.1) is below 0.15: every seed must pass
     md = S.render_claims_md(c2)
     assert "rl_vs_sft_greedy" in md and "| yes |" in md and "missing" in md  # other claims are missing
     assert "rsa_tokens.png" not in md  # no seed has notebook 07's metrics: no figure, no link

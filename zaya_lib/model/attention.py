@@ -178,15 +178,25 @@ class CCAProjection(nn.Module):
     def fused_weight(self) -> torch.Tensor:
         """[q_dim + k_dim + 2 * v_half, D]: one GEMM instead of four (autograd splits the gradient back).
 
-        Without autograd (decoding) the concatenation is cached until any of the four weights changes in place."""
+        Without autograd (decoding) the concatenation is cached until any of the four weights changes in place. A
+        copy made under `torch.inference_mode` is an inference tensor, which autograd may not save: it is reused only
+        in inference mode (frozen weights, e.g. under LoRA, are decoded by the engine and then trained)."""
         ws = (self.q_proj.weight, self.k_proj.weight, self.v_proj_current.weight, self.v_proj_delayed.weight)
         if torch.is_grad_enabled() and any(w.requires_grad for w in ws):
             return torch.cat(ws, 0)
-        key = tuple((w.data_ptr(), w._version) for w in ws)
+        key = (*((w.data_ptr(), w._version) for w in ws), torch.is_inference_mode_enabled())
         if getattr(self, "_fused_key", None) != key:
             self._fused = torch.cat([w.detach() for w in ws], 0)
             self._fused_key = key
         return self._fused
+
+    def project(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """[B, T, q_dim + k_dim + 2 * v_half]: the four input projections, as one GEMM when all four are plain
+        `nn.Linear` layers, else through each module (peft's LoRA wrappers add their adapters in their forward)."""
+        mods = (self.q_proj, self.k_proj, self.v_proj_current, self.v_proj_delayed)
+        if all(type(m) is nn.Linear for m in mods):
+            return F.linear(x_BTD, self.fused_weight())
+        return torch.cat([m(x_BTD) for m in mods], dim=-1)
 
     def convolve(self, qk_BCT: torch.Tensor, conv_state: torch.Tensor | None,
                  doc_pos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,7 +237,7 @@ class CCAProjection(nn.Module):
         sequence and receives the previous rank's last raw q|k columns (conv halo) and last delayed value.
         doc: document masking (`documents.DocMask`): conv history and delayed value restart at each document."""
         B, T, _ = x_BTD.shape
-        proj = F.linear(x_BTD, self.fused_weight())
+        proj = self.project(x_BTD)
         qk0, v_cur, v_del = proj.split([self.q_dim + self.k_dim, self.v_half, self.v_half], dim=-1)
 
         # (1) causal convs on the packed raw q|k, continued from the cache's last raw columns when decoding
@@ -530,7 +540,7 @@ class CCAttention(nn.Module):
         from zaya_kernels import cca_qk_prep
 
         p = self.qkv_proj
-        proj = F.linear(x_BTD, p.fused_weight())
+        proj = p.project(x_BTD)
         qk, v_cur, v_del = proj.split([p.q_dim + p.k_dim, p.v_half, p.v_half], dim=-1)
         q, k = cca_qk_prep(qk, p.conv_qk_depthwise.weight, p.conv_qk_depthwise.bias, p.conv_qk_grouped.weight,
                            p.conv_qk_grouped.bias, self.qk_norm.temp, cos, sin, self.Hq, self.Hk, self.d,

@@ -48,7 +48,9 @@ CLAIMS: dict[str, tuple[str, str]] = {
 # value claims: id -> (metrics file, statement, low, high) on the pooled and on every seed's value
 VALUE_CLAIMS: dict[str, tuple[str, str, float, float]] = {
     "sft_single_sample": ("05_sft.json", "SFT single-sample accuracy lies in [0.3, 0.7]", 0.3, 0.7),
-    "sft_passn_margin": ("05_sft.json", "SFT pass@N is at least 0.15 above its single-sample accuracy", 0.15, 1.0),
+    # N is Markovian RSA's population (rsa_N): notebook 07 samples it from the SFT checkpoint as round 0
+    "sft_passn_margin": ("07_markovian_rsa.json", "SFT pass@N (N = the Markovian RSA population, its round 0) is at "
+                         "least 0.15 above its single-sample accuracy", 0.15, 1.0),
 }
 
 
