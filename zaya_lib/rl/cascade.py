@@ -554,7 +554,7 @@ def engine_rollout(stage: RLStage, seed: int = 0, batch_size: int = 128) -> Call
         policy = _base_zaya(trainer.model)
         eng = state["engine"]
         if eng is None or eng.model is not policy:
-            eos = trainer.eos_token_ids if hasattr(trainer, "eos_token_ids") else [trainer.processing_class.eos_token_id]
+            eos = list(trainer.eos_token_ids)  # TRL's stop ids (the tokenizer's and the generation config's)
             if len(eos) != 1:
                 raise ValueError(f"engine rollouts need one EOS id, the tokenizer has {eos}")
             # LoRA layers are not folded by the fast decode step: their stages decode through the model's forward
