@@ -139,19 +139,24 @@ def test_unknown_rollout_backend_fails_at_once():
 
 
 # ---------------------------------------------------------------------------------------------------- async / IS
-def test_steps_per_generation_gives_one_step_stale_rollouts_with_importance_ratio(tok):
-    """With steps_per_generation=2 TRL generates two steps of rollouts at once and, since grad accumulation (1) is not a
-    multiple of 2, stores the sampling policy's log-probs: the second half is trained one step later against them."""
+def _first_of_two_steps(stage: C.RLStage, model, tok):
+    """A real GRPOTrainer that generated rollouts for two steps (steps_per_generation=2) and took the first one."""
     from trl import GRPOTrainer
 
-    stage = _tiny(C.RLStage("if", {"instruct": 1.0}, ["instruction"]), steps=2, steps_per_generation=2)
-    model = tiny_model(tok)
     ds = C.build_stage_dataset(stage, tok, seed=0)
     args = C.make_grpo_config(stage, "/tmp/zaya-test-trl", seed=0, max_steps=1)
     tr = GRPOTrainer(model=model, reward_funcs=C.make_reward_funcs(stage, tok), args=args,
                      train_dataset=ds.as_iterable(), processing_class=tok,
                      optimizers=(muon_adamw(model, lr=stage.learning_rate), None))
     tr.train()
+    return tr
+
+
+def test_steps_per_generation_gives_one_step_stale_rollouts_with_importance_ratio(tok):
+    """With steps_per_generation=2 TRL generates two steps of rollouts at once and, since grad accumulation (1) is not a
+    multiple of 2, stores the sampling policy's log-probs: the second half is trained one step later against them."""
+    stage = _tiny(C.RLStage("if", {"instruct": 1.0}, ["instruction"]), steps=2, steps_per_generation=2)
+    tr = _first_of_two_steps(stage, tiny_model(tok), tok)
     assert len(tr._buffered_inputs) == 2  # one generation served two optimizer steps
     stale = tr._buffered_inputs[1]
     assert "old_per_token_logps" in stale  # behaviour-policy log-probs kept for the importance ratio
@@ -166,19 +171,11 @@ def test_trl_scores_each_completion_as_it_would_alone(tok):
     checkpoint, 1e-4 allowed (the batched and single GEMMs reduce in different orders)."""
     import copy
 
-    from trl import GRPOTrainer
-
     stage = _tiny(C.RLStage("mix", {"tasks/add": 1.0, "tasks/linear_eq": 1.0}, ["math"]), steps=2,
                   steps_per_generation=2, prompts_per_step=3, temperature=0.7)
     model = tiny_model(tok)
     before = copy.deepcopy(model).eval()  # the weights that sampled (and scored) the stale half
-    ds = C.build_stage_dataset(stage, tok, seed=0)
-    args = C.make_grpo_config(stage, "/tmp/zaya-test-trl", seed=0, max_steps=1)
-    tr = GRPOTrainer(model=model, reward_funcs=C.make_reward_funcs(stage, tok), args=args,
-                     train_dataset=ds.as_iterable(), processing_class=tok,
-                     optimizers=(muon_adamw(model, lr=stage.learning_rate), None))
-    tr.train()
-    b = tr._buffered_inputs[1]
+    b = _first_of_two_steps(stage, model, tok)._buffered_inputs[1]
     pm, cm = b["prompt_mask"].bool(), b["completion_mask"].bool()
     assert len({int(n) for n in pm.sum(1)}) > 1, "the test needs prompts of different lengths (padding)"
     worst = 0.0
