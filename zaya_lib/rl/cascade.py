@@ -596,11 +596,10 @@ def run_stage(model, tokenizer, stage: RLStage, gym: Gym | None = None, seed: in
     bal = BalancingCallback(policy, update=stage.balance, gym=gym)
     _base_zaya(policy).reset_routing_stats()
     tmp = work_dir or tempfile.mkdtemp(prefix="trl-")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # a transformers deprecation; rollout_func is experimental in TRL 1.16
         warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
-        args = make_grpo_config(stage, tmp, seed=seed, device=device, **config_overrides)
-    with warnings.catch_warnings():  # rollout_func is marked experimental in TRL 1.16
         warnings.filterwarnings("ignore", message=".*rollout_func.*")
+        args = make_grpo_config(stage, tmp, seed=seed, device=device, **config_overrides)
         trainer = GRPOTrainer(model=policy, reward_funcs=make_reward_funcs(stage, tokenizer, gym), args=args,
                               train_dataset=dataset.as_iterable(), processing_class=tokenizer, optimizers=(opt, None),
                               callbacks=[bal.callback],
