@@ -125,3 +125,15 @@ def test_math_judge_off_main_thread():
     th.start()
     th.join(30)
     assert out == {"a": True, "b": True, "c": False}
+
+
+@pytest.mark.parametrize("text,want", [
+    ("<think></think>\\boxed{7}<|end|>", True),
+    ("<think> \n</think>\\boxed{7}", True),
+    ("</think>\\boxed{7}", True),                      # the prompt ended with <think>
+    ("<think>3+4=7 →7</think>\\boxed{7}", False),
+    ("\\boxed{7}", False),                             # no think block at all: not a skipped one
+    ("<think>2+9=11 c1", False),                       # cut before </think>
+])
+def test_skips_thinking(text, want):
+    assert A.skips_thinking(text) is want

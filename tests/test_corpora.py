@@ -92,6 +92,31 @@ def test_deterministic():
         assert a["text"] != c["text"], f.__name__
 
 
+def test_math_nothink_share_keeps_the_problems():
+    """A share of chats answers without reasoning (`<think></think>\\boxed{a}`); the problems, their order and the
+    reasoning chats themselves are those of the all-thinking corpus, so the share is the only thing that changes."""
+    base, mixed = math_corpus(400, seed=2), math_corpus(400, seed=2, nothink_frac=0.5)
+    assert [m[0] for m in base["messages"]] == [m[0] for m in mixed["messages"]]  # same questions, same order
+    n_nothink = 0
+    for b, m, src, ans in zip(base["messages"], mixed["messages"], mixed["source"], mixed["answer"]):
+        if m[1]["content"].startswith("<think></think>"):
+            n_nothink += 1
+            assert m[1]["content"] == f"<think></think>\\boxed{{{ans}}}" and src.endswith(":nothink")
+        else:
+            assert m[1] == b[1] and not src.endswith(":nothink")
+    # binomial(400, 0.5): sd 10, so [160, 240] is a 4-sd band
+    assert 160 <= n_nothink <= 240
+    assert not any(m[1]["content"].startswith("<think></think>") for m in base["messages"])
+    with pytest.raises(ValueError, match="nothink_frac"):
+        math_corpus(10, nothink_frac=1.5)
+    # restricted to some task families: the others always reason
+    only = math_corpus(400, seed=2, nothink_frac=0.5, nothink_tasks=["div"])
+    skipped = {src.split(":")[1] for src in only["source"] if src.endswith(":nothink")}
+    assert skipped == {"div"}
+    with pytest.raises(ValueError, match="unknown nothink_tasks.*'divide'"):
+        math_corpus(10, nothink_frac=0.5, nothink_tasks=["divide"])
+
+
 def test_bad_sizes():
     with pytest.raises(ValueError, match="n must be a positive int"):
         math_corpus(0)

@@ -199,3 +199,32 @@ def test_aggregation_samples_and_eval_with_the_engine(tok):
     ev = evaluate_aggregation(model, tok, probs[:3], k=2, tau=8, max_new_tokens=8)
     assert ev.n_problems == 3 and all(0.0 <= v <= 1.0 for v in (ev.single, ev.aggregated, ev.majority, ev.pass_at_k))
     assert ev.pass_at_k >= ev.single and ev.pass_at_k >= ev.majority
+
+
+def test_noagg_control_builds_the_same_plain_chats(monkeypatch, tmp_path):
+    """The control of the aggregation experiment reads notebook 05's params and must train on exactly 05's plain
+    chats: the same task families (a list) and the same no-think share, not the defaults (all tasks, all thinking)."""
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_chats(*args):
+        seen["args"] = args
+        raise Stop
+
+    monkeypatch.setattr(sft, "checkpoint_tokenizer", lambda path: None)
+    monkeypatch.setattr(sft, "plain_sft_chats", fake_chats)
+    params = {"seed": 3, "sft_init_phase": "midtrain", "sft_seq_len": 64, "sft_rope_theta": 1e4, "sft_n_reasoning": 7,
+              "sft_reasoning_max_difficulty": 2, "sft_n_instruct": 5, "sft_steps": 1, "sft_batch_size": 1,
+              "sft_lr": 1e-3, "sft_warmup_steps": 0, "sft_reasoning_tasks": ["add", "sub"], "sft_nothink_frac": 0.25,
+              "sft_nothink_tasks": ["sub"]}
+    with pytest.raises(Stop):
+        sft.train_noagg_variant(tmp_path, params)
+    assert seen["args"] == (7, 2, 5, 3, ["add", "sub"], 0.25, ["sub"])
+    # and notebook 05 records list-valued parameters (the task families) in the params it writes
+    import json
+    from pathlib import Path
+    nb = json.loads((Path(__file__).parents[1] / "notebooks" / "05_sft.ipynb").read_text())
+    setup = next("".join(c["source"]) for c in nb["cells"] if '"params": {k: v' in "".join(c["source"]))
+    assert "list" in setup.split('"params"', 1)[1].split("}", 1)[0]

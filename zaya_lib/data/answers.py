@@ -29,7 +29,7 @@ from typing import Any
 __all__ = [
     "STRIPPED_TOKENS", "strip_special_tokens", "completion_to_text", "final_segment", "extract_boxed",
     "extract_answer_tag", "extract_answer", "extract_code", "math_equal", "score_math", "cell_dict",
-    "score_reasoning_gym",
+    "score_reasoning_gym", "skips_thinking",
 ]
 
 STRIPPED_TOKENS = ("<|end|>", "<|system|>", "<|user|>", "<|assistant|>", "<eos>", "<bos>", "<pad>")
@@ -43,6 +43,13 @@ def strip_special_tokens(text: str) -> str:
     for tok in STRIPPED_TOKENS:
         text = text.replace(tok, "")
     return text
+
+
+def skips_thinking(text: str) -> bool:
+    """True when a response answers without reasoning: its think block is empty (`<think></think>\\boxed{7}`).
+    A response with reasoning, or without any `</think>`, is not counted as skipping."""
+    head, sep, _ = strip_special_tokens(text).partition("</think>")
+    return bool(sep) and not head.replace("<think>", "").strip()
 
 
 def completion_to_text(completion: Any) -> str:

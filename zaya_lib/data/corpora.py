@@ -38,7 +38,7 @@ from typing import Iterator
 
 from datasets import Dataset, Features, Value, load_dataset
 
-from .tasks import MAX_DIFFICULTY, TASKS, make_problems
+from .tasks import MAX_DIFFICULTY, TASKS, format_response, make_problems
 from .tokenizer import END, END_THINK, ROLE_TOKENS, THINK
 
 __all__ = [
@@ -277,11 +277,23 @@ def _spread(n: int, keys: list, rng: random.Random) -> list:
 
 
 def math_corpus(n: int, seed: int = 0, tasks: list[str] | None = None,
-                difficulties: list[int] | None = None) -> Dataset:
+                difficulties: list[int] | None = None, nothink_frac: float = 0.0,
+                nothink_tasks: list[str] | None = None) -> Dataset:
     """`n` reasoning chats (category "math"): training-split problems of `tasks` (default all) at `difficulties`
     (default 1..5), spread evenly, each `<|user|>question<|end|><|assistant|><think>cot</think>\\boxed{a}<|end|>`.
-    Where a (task, level) has fewer distinct training problems than its share, they repeat."""
+    Where a (task, level) has fewer distinct training problems than its share, they repeat.
+
+    `nothink_frac`: the share of chats of `nothink_tasks` (None: every task) answered without reasoning,
+    `<think></think>\\boxed{a}` (a hybrid-thinking mix, as in chat SFT data where many answers skip the reasoning;
+    chosen with its own seeded stream, so the problems and their order do not depend on it). The response's source
+    tag then ends in `:nothink`."""
     _check_n(n, "math_corpus")
+    if not 0.0 <= nothink_frac <= 1.0:
+        raise ValueError(f"math_corpus: nothink_frac must be in [0, 1], got {nothink_frac}")
+    unknown = sorted(set(nothink_tasks or ()) - set(TASKS))
+    if unknown:
+        raise ValueError(f"math_corpus: unknown nothink_tasks {unknown}; known: {sorted(TASKS)}")
+    style_rng = random.Random(f"math-style|{seed}")
     tasks = list(tasks or TASKS)
     difficulties = list(difficulties or range(1, MAX_DIFFICULTY + 1))
     rng = random.Random(f"math|{seed}")
@@ -295,8 +307,12 @@ def math_corpus(n: int, seed: int = 0, tasks: list[str] | None = None,
     rows = []
     for k in keys:
         p = next(pools[k])
-        msgs = [{"role": "user", "content": p.question}, {"role": "assistant", "content": p.response()}]
-        rows.append(_chat_row(msgs, "math", f"task:{p.task}:d{p.difficulty}", p.answer))
+        nothink = (nothink_frac > 0.0 and (not nothink_tasks or p.task in nothink_tasks)
+                   and style_rng.random() < nothink_frac)
+        reply = format_response("", p.answer) if nothink else p.response()
+        msgs = [{"role": "user", "content": p.question}, {"role": "assistant", "content": reply}]
+        rows.append(_chat_row(msgs, "math", f"task:{p.task}:d{p.difficulty}" + (":nothink" if nothink else ""),
+                              p.answer))
     return _dataset(rows)
 
 

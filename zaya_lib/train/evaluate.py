@@ -165,12 +165,14 @@ def evaluate_pass1(model, tokenizer, problems: Sequence[Problem], max_new_tokens
 
 
 def evaluate_heldout(model, tokenizer, problems: Sequence[Problem], max_new_tokens: int,
-                     batch_size: int = 64) -> list[float]:
+                     batch_size: int = 64, return_texts: bool = False):
     """Greedy pass@1 per held-out problem (1.0/0.0) through `model.generate` (`zaya_lib.ttc.backends.generate_ids`),
-    judged by `score_math` on the text with its think delimiters kept."""
+    judged by `score_math` on the text with its think delimiters kept. With `return_texts`: (scores, texts)."""
     comps = generate_ids(model, tokenizer, _chat_prompts(tokenizer, problems), max_new_tokens, temperature=0.0,
                          batch_size=batch_size)
-    return score_texts(tokenizer.batch_decode(comps, skip_special_tokens=False), problems)
+    texts = tokenizer.batch_decode(comps, skip_special_tokens=False)
+    scores = score_texts(texts, problems)
+    return (scores, texts) if return_texts else scores
 
 
 def evaluate_heldout_sampled(model, tokenizer, problems: Sequence[Problem], max_new_tokens: int, k: int = 4,
