@@ -222,6 +222,9 @@ def test_noagg_control_builds_the_same_plain_chats(monkeypatch, tmp_path):
     with pytest.raises(Stop):
         sft.train_noagg_variant(tmp_path, params)
     assert seen["args"] == (7, 2, 5, 3, ["add", "sub"], 0.25, ["sub"])
+    # a params dict that lost one of them is an error naming it, not a silent default (all tasks, all thinking)
+    with pytest.raises(KeyError, match="sft_nothink_tasks"):
+        sft.train_noagg_variant(tmp_path, {k: v for k, v in params.items() if k != "sft_nothink_tasks"})
     # and notebook 05 records list-valued parameters (the task families) in the params it writes
     import json
     from pathlib import Path

@@ -276,8 +276,8 @@ def plain_sft_chats(n_reasoning: int, reasoning_max_difficulty: int, n_instruct:
                     nothink_tasks: Sequence[str] | None = None) -> dict[str, list]:
     """The plain SFT chats by category (reasoning problems of `tasks` (None: all) at levels 1..max with their compact
     chain of thought, a share `nothink_frac` of those of `nothink_tasks` (None: all) answered without it, and
-    instruction chats), seeded: notebook 05
-    and `train_noagg_variant` build exactly the same list from the same parameters."""
+    instruction chats), seeded: notebook 05 and `train_noagg_variant` build exactly the same list from the same
+    parameters."""
     from ..data.corpora import instruct_corpus, math_corpus
 
     return {"reasoning": list(math_corpus(n_reasoning, seed=seed + 5, tasks=list(tasks) if tasks else None,
@@ -298,7 +298,7 @@ def train_noagg_variant(run_dir: str | os.PathLike, sft_params: dict, device="cp
 
     need = ("seed", "sft_init_phase", "sft_seq_len", "sft_rope_theta", "sft_n_reasoning",
             "sft_reasoning_max_difficulty", "sft_n_instruct", "sft_steps", "sft_batch_size", "sft_lr",
-            "sft_warmup_steps")
+            "sft_warmup_steps", "sft_reasoning_tasks", "sft_nothink_frac", "sft_nothink_tasks")
     missing = [k for k in need if k not in sft_params]
     if missing:
         raise KeyError(f"train_noagg_variant: SFT parameters {missing} missing (expected the params of 05_sft.json)")
@@ -306,7 +306,7 @@ def train_noagg_variant(run_dir: str | os.PathLike, sft_params: dict, device="cp
     run = Path(run_dir)
     tok = checkpoint_tokenizer(run / "checkpoints" / p["sft_init_phase"])
     chats = plain_sft_chats(p["sft_n_reasoning"], p["sft_reasoning_max_difficulty"], p["sft_n_instruct"], p["seed"],
-                            p.get("sft_reasoning_tasks"), p.get("sft_nothink_frac", 0.0), p.get("sft_nothink_tasks"))
+                            p["sft_reasoning_tasks"], p["sft_nothink_frac"], p["sft_nothink_tasks"])
     _, plain, _ = build_sft_mix(tok, chats, p["sft_seq_len"], 0.0, 1, 1, seed=p["seed"])
     data, packed = pack_sft_data(plain, p["sft_seq_len"], pad_id=tok.pad_token_id, seed=p["seed"])
     cfg = TrainConfig(steps=p["sft_steps"], batch_size=p["sft_batch_size"], lr=p["sft_lr"],
